@@ -1,0 +1,64 @@
+"""The memory/speed backends, in the one order they apply in.
+
+Order, and why:
+1. fp16           a load-time dtype: it must be known before the weights are read.
+2. channels_last  changes the weights' memory format; offload hooks must wrap the final tensors.
+3. xformers       swaps attention processors on the modules; offload hooks must wrap the final modules.
+4. vae_slicing    VAE settings: independent of placement.
+5. vae_tiling
+6. cpu_offload    placement: installs accelerate hooks and moves the model itself, instead of pipe.to(device);
+7. model_offload  so the offloads come last (diffusers: enable_model_cpu_offload moves the pipeline to CPU).
+"""
+
+import torch
+
+from sdrun.backends import (
+    channels_last,
+    cpu_offload,
+    fp16,
+    model_offload,
+    vae_slicing,
+    vae_tiling,
+    xformers,
+)
+from sdrun.backends.base import Backend
+from sdrun.errors import BackendUnavailable, UsageError
+
+BACKENDS: tuple[Backend, ...] = tuple(
+    module.BACKEND for module in (fp16, channels_last, xformers, vae_slicing, vae_tiling, cpu_offload, model_offload)
+)
+BY_NAME = {backend.name: backend for backend in BACKENDS}
+
+
+def select(names) -> tuple[Backend, ...]:
+    """The requested backends, in application order, after rejecting conflicting pairs."""
+    chosen = tuple(backend for backend in BACKENDS if backend.name in set(names))
+    for backend in chosen:
+        for other in backend.conflicts:
+            if other in names:
+                raise UsageError(
+                    f"{backend.flag} and {BY_NAME[other].flag} cannot be combined: choose one "
+                    f"({BY_NAME['cpu_offload'].flag} saves the most memory, {BY_NAME['model_offload'].flag} is faster)"
+                )
+    return chosen
+
+
+def check(chosen, device: torch.device) -> None:
+    """Raise one BackendUnavailable listing every reason any chosen backend cannot run on `device`."""
+    reasons = [reason for backend in chosen for reason in backend.unavailable_reasons(device)]
+    if reasons:
+        raise BackendUnavailable("; ".join(reasons) + hint(chosen, device))
+
+
+def hint(chosen, device: torch.device) -> str:
+    if device.type == "cpu" and any(backend.needs_cuda for backend in chosen):
+        names = " ".join(b.flag for b in chosen if b.needs_cuda)
+        return f" (drop {names} to run on the CPU, or run where torch sees a CUDA GPU; `sdrun info` shows what is usable)"
+    return " (`sdrun info` shows what is usable here)"
+
+
+def load_dtype(chosen) -> torch.dtype:
+    for backend in chosen:
+        if backend.load_dtype is not None:
+            return backend.load_dtype
+    return torch.float32

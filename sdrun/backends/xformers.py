@@ -1,0 +1,37 @@
+"""--xformers (alias --mem-efficient-attention): sdrun's bundled CUDA attention kernel, not the xformers package.
+
+Attention modules the kernel does not cover (the VAE's single 512-wide head) stay on PyTorch attention; that is
+decided once, in `install`, and reported in one line. The kernel's module is imported only when the flag is used
+or `sdrun info` asks, so plain runs never pay for it.
+"""
+
+from sdrun.backends.base import Backend
+
+
+def unavailable_reasons(device):
+    from sdrun import ops
+
+    return ops.unavailable_reasons(device)
+
+
+def prepare(_device):
+    from sdrun import ops
+
+    ops.load()  # builds the kernel on first use; fails here, before the model loads, if it cannot
+
+
+def apply(pipe, _device):
+    from sdrun.ops.processor import install
+
+    return install(pipe).summary()
+
+
+BACKEND = Backend(
+    name="xformers",
+    help="sdrun's own memory-efficient attention kernel (built for your torch; no xformers package needed). "
+    "Attention memory grows linearly with image area instead of quadratically; faster at large sizes.",
+    apply=apply,
+    prepare=prepare,
+    needs_cuda=True,
+    extra_reasons=unavailable_reasons,
+)

@@ -1,0 +1,305 @@
+"""Many images from one loaded model: prompt files, output planning, and a loop that survives failures.
+
+    jobs, bad = read_prompt_file(path, defaults)   # every line checked before anything is generated
+    items = plan_items(jobs, run)                  # seeds S, S+1, ... and one output path per image
+    summary = run_items(run, items, bad, reporter) # load once; a failed item is reported, the rest go on
+
+Exit status, from the summary: 0 all done; 3 some items failed; 4 some failed for lack of GPU memory.
+"""
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from sdrun import output, pipeline
+from sdrun.config import OVERRIDABLE, Job, RunConfig, validate, with_seed
+from sdrun.errors import OutOfMemory, OutputError, SdrunError, UsageError
+from sdrun.schedulers import SAMPLERS
+
+EXIT_SOME_FAILED = 3
+EXIT_OUT_OF_MEMORY = OutOfMemory.exit_code
+
+
+@dataclass(frozen=True)
+class BadLine:
+    line: int
+    message: str
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image to make."""
+
+    job: Job
+    seed: int
+    index: int  # position in the whole run, from 0: deterministic, so reruns map to the same files
+    path: Path
+    line: int | None = None  # prompt-file line it came from
+
+
+# ---------------------------------------------------------------------------------------------- prompt files
+
+def read_prompt_file(source: str, defaults: Job) -> tuple[list[tuple[int, Job]], list[BadLine]]:
+    """Read prompts from a .txt (one per line) or .jsonl (one object per line) file, or '-' for stdin.
+    Returns the valid jobs with their line numbers, and every bad line with what is wrong with it."""
+    try:
+        text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise UsageError(f"cannot read prompt file {source!r} ({error}): give a readable UTF-8 text file")
+    lines = text.splitlines()
+    jsonl = source.endswith(".jsonl") or (not source.endswith(".txt") and _first_content(lines).startswith("{"))
+    jobs, bad = [], []
+    for number, raw in enumerate(lines, start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            job = _job_from_json(line, defaults) if jsonl else replace(defaults, prompt=line)
+            validate(job)
+        except UsageError as error:
+            bad.append(BadLine(number, str(error)))
+            continue
+        jobs.append((number, job))
+    if not jobs and not bad:
+        raise UsageError(f"prompt file {source!r} has no prompts: write one per line (# starts a comment)")
+    return jobs, bad
+
+
+def _first_content(lines: list[str]) -> str:
+    return next((l.strip() for l in lines if l.strip() and not l.strip().startswith("#")), "")
+
+
+def _job_from_json(line: str, defaults: Job) -> Job:
+    try:
+        data = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise UsageError(f"not valid JSON ({error.msg}): write one object per line, e.g. {{\"prompt\": \"a cat\"}}")
+    if not isinstance(data, dict) or "prompt" not in data:
+        raise UsageError('each line needs an object with a "prompt" key, e.g. {"prompt": "a cat", "seed": 1}')
+    unknown = sorted(set(data) - set(OVERRIDABLE))
+    if unknown:
+        raise UsageError(f"unknown key {unknown[0]!r}: allowed keys are {', '.join(OVERRIDABLE)}")
+    for key, value in data.items():
+        expected = _json_type(key)
+        if not isinstance(value, expected) or isinstance(value, bool):
+            raise UsageError(f"{key!r} must be {'a number' if expected is not str else 'a string'}, got {value!r}")
+    return replace(defaults, **data)
+
+
+def _json_type(key: str):
+    if key in ("prompt", "negative_prompt", "scheduler", "output"):
+        return str
+    if key == "guidance":
+        return (int, float)
+    return int
+
+
+# ---------------------------------------------------------------------------------------------- planning
+
+def plan_items(jobs: list[tuple[int | None, Job]], run: RunConfig) -> list[Item]:
+    """Give every image a seed and an output path; refuse plans where two images share a path or where a file
+    exists already (unless --overwrite or --skip-existing), before the model is loaded."""
+    jobs = [(line, with_seed(job)) for line, job in jobs]
+    several = sum(job.num_images for _, job in jobs) > 1
+    items, index = [], 0
+    for line, job in jobs:
+        template = output.template_for(job.output or run.output, several)
+        for k in range(job.num_images):
+            seed = job.seed + k
+            items.append(Item(job, seed, index, output.render(template, seed, index, job.prompt), line))
+            index += 1
+    seen = {}
+    for item in items:
+        if item.path in seen:
+            raise UsageError(f"two images would both be written to {item.path}: add {{index}} or {{seed}} to -o")
+        seen[item.path] = item
+    existing = [item.path for item in items if item.path.exists()]
+    if existing and not (run.overwrite or run.skip_existing):
+        raise OutputError(
+            f"{existing[0]} already exists ({len(existing)} planned file(s) do): "
+            "pass --skip-existing to keep them or --overwrite to replace them"
+        )
+    for folder in sorted({item.path.parent for item in items}):
+        output.ensure_writable(folder)
+    return items
+
+
+# ---------------------------------------------------------------------------------------------- running
+
+@dataclass
+class Summary:
+    done: int = 0
+    skipped: int = 0
+    failed: int = 0
+    out_of_memory: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+    def line(self) -> str:
+        total = self.done + self.skipped + self.failed
+        return (f"sdrun: {self.done} done, {self.skipped} skipped, {self.failed} failed of {total} "
+                f"in {time.perf_counter() - self.start:.1f}s")
+
+    @property
+    def exit_code(self) -> int:
+        if self.out_of_memory:
+            return EXIT_OUT_OF_MEMORY
+        return EXIT_SOME_FAILED if self.failed else 0
+
+
+def run_items(run: RunConfig, items: list[Item], bad_lines: list[BadLine], reporter) -> Summary:
+    """Load the model once, then make every item. A failed item is reported and the run goes on, unless
+    --fail-fast. The summary is printed however the run ends, Ctrl-C included."""
+    summary = Summary()
+    try:
+        for bad in bad_lines:
+            _fail(summary, reporter, {"line": bad.line}, f"line {bad.line}: {bad.message}")
+        if bad_lines and run.fail_fast:
+            return summary
+        todo = []
+        for item in items:
+            if run.skip_existing and item.path.exists():
+                summary.skipped += 1
+                reporter.result({"status": "skipped", "path": str(item.path), "seed": item.seed, "index": item.index})
+            else:
+                todo.append(item)
+        if not todo:
+            return summary
+        engine = pipeline.load(run, reporter)
+        for chunk in _chunks(todo, run.batch_size):
+            try:
+                _make(engine, run, chunk, summary, reporter)
+            except (SdrunError, torch.OutOfMemoryError) as error:
+                oom = isinstance(error, (OutOfMemory, torch.OutOfMemoryError))
+                message = str(error) if not isinstance(error, torch.OutOfMemoryError) else _denoise_oom(engine, run)
+                for item in chunk:
+                    _fail(summary, reporter, _describe(item), message, oom)
+                if oom and engine.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if run.fail_fast:
+                    break
+    finally:
+        reporter.note(summary.line())
+    return summary
+
+
+def _chunks(items: list[Item], batch_size: int):
+    """Consecutive images of the same job, at most batch_size at a time (one denoiser pass each)."""
+    chunk = []
+    for item in items:
+        if chunk and (item.job is not chunk[0].job or len(chunk) == batch_size):
+            yield chunk
+            chunk = []
+        chunk.append(item)
+    if chunk:
+        yield chunk
+
+
+def _make(engine, run: RunConfig, chunk: list[Item], summary: Summary, reporter) -> None:
+    job = chunk[0].job
+    seeds = [item.seed for item in chunk]
+    pipeline.reset_peak_memory(engine.device)
+    with pipeline.Timer() as timer:
+        with reporter.steps(job.steps, f"image {chunk[0].index + 1}" + (f"-{chunk[-1].index + 1}" if len(chunk) > 1 else "")) as on_step:
+            latents = pipeline.denoise(engine, job, seeds, on_step)
+        notes = pipeline.DecodeNotes()
+        try:
+            images, notes = pipeline.decode(engine, latents, notes)
+        except torch.OutOfMemoryError:
+            for i, item in enumerate(chunk):
+                save_latents(latents[i : i + 1], latents_path(item.path), metadata(engine, run, item, notes))
+            if engine.device.type == "cuda":
+                torch.cuda.empty_cache()
+            reporter.note(f"sdrun: out of memory while decoding; latents saved next to {chunk[0].path.name}, "
+                          "retrying with VAE tiling")
+            try:
+                images, notes = pipeline.decode_tiled(engine, latents, notes)
+            except torch.OutOfMemoryError:
+                raise OutOfMemory(f"out of GPU memory decoding even with VAE tiling; the latents are saved: decode "
+                                  f"them later with `sdrun decode {latents_path(chunk[0].path)} --cpu-offload`")
+    peak = pipeline.peak_memory_gb(engine.device)
+    for item, image in zip(chunk, images):
+        meta = metadata(engine, run, item, notes)
+        if notes.tiled_retry:
+            meta["latents_file"] = str(latents_path(item.path))
+        output.save_png(image, item.path, meta, overwrite=run.overwrite or run.skip_existing)
+        summary.done += 1
+        reporter.result({"status": "ok", "path": str(item.path), **_describe(item), "steps": job.steps,
+                         "width": meta["width"], "height": meta["height"], "seconds": round(timer.seconds / len(chunk), 3),
+                         "peak_gpu_memory_gb": peak, "flags": list(engine.flags)})
+
+
+def _describe(item: Item) -> dict:
+    described = {"prompt": item.job.prompt, "seed": item.seed, "index": item.index, "path": str(item.path)}
+    if item.line is not None:
+        described["line"] = item.line
+    return described
+
+
+def _fail(summary: Summary, reporter, record: dict, message: str, oom: bool = False) -> None:
+    summary.failed += 1
+    summary.out_of_memory += oom
+    reporter.error(message)
+    reporter.result({"status": "failed", **record, "error": message})
+
+
+def _denoise_oom(engine, run: RunConfig) -> str:
+    """Name the flags that would lower memory for this run, the ones not already on."""
+    remedies = [flag for flag in ("fp16", "xformers", "model_offload", "cpu_offload") if flag not in engine.flags]
+    if "model_offload" in engine.flags:
+        remedies.remove("cpu_offload")  # already offloading whole models; sequential offload conflicts
+    advice = ", ".join("--" + flag.replace("_", "-") for flag in remedies)
+    if run.batch_size > 1:
+        advice += (", " if advice else "") + "a smaller --batch-size"
+    return "out of GPU memory while denoising: " + (f"try {advice}, or a smaller size" if advice else "use a smaller size")
+
+
+# ---------------------------------------------------------------------------------------------- metadata
+
+def metadata(engine, run: RunConfig, item: Item, notes: pipeline.DecodeNotes) -> dict:
+    """Every setting needed to make this image again (`sdrun replay`), and how it was made."""
+    import diffusers
+    import transformers
+
+    import sdrun
+
+    job = item.job
+    width, height = pipeline.size_of(engine, job)
+    scheduler = pipeline.scheduler_name(engine, job.scheduler)
+    return {
+        "prompt": job.prompt,
+        "negative_prompt": job.negative_prompt,
+        "seed": item.seed,
+        "steps": job.steps,
+        "guidance": job.guidance,
+        "width": width,
+        "height": height,
+        "scheduler": scheduler,
+        "sampler": SAMPLERS[scheduler].a1111_name if scheduler in SAMPLERS else scheduler,
+        "model": engine.model,
+        "model_name": engine.model_name,
+        "model_family": engine.family,
+        "config_dir": engine.config_dir,
+        "flags": list(engine.flags),
+        "device": engine.device.type,
+        "batch_size": run.batch_size,
+        "decode": {"vae_fp32": notes.vae_fp32, "nan_retry": notes.nan_retry, "tiled_retry": notes.tiled_retry},
+        "versions": {"sdrun": sdrun.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+                     "transformers": transformers.__version__},
+        **run.extra,
+    }
+
+
+def latents_path(image_path: Path) -> Path:
+    return image_path.with_name(image_path.stem + ".latents.safetensors")
+
+
+def save_latents(latents: torch.Tensor, path: Path, meta: dict) -> None:
+    """Latents plus the image's metadata, written like a PNG: temporary name, then rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({"latents": latents.detach().to("cpu").contiguous()}, str(tmp), metadata={"sdrun": json.dumps(meta)})
+    tmp.replace(path)

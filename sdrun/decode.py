@@ -1,0 +1,46 @@
+"""`sdrun decode FILE.latents.safetensors`: finish an image whose decode ran out of memory during a run.
+
+The latents file carries the image's full metadata, so the same model is loaded and the PNG gets the same
+`parameters` and `sdrun` chunks, plus which memory flags the decode used.
+"""
+
+import json
+from pathlib import Path
+
+from safetensors import SafetensorError, safe_open
+
+from sdrun import output, pipeline
+from sdrun.config import RunConfig
+from sdrun.console import Reporter
+from sdrun.errors import OutputError, UsageError
+
+SUFFIX = ".latents.safetensors"
+
+
+def decode_file(path: str, target: str | None, device: str, quiet: bool, overwrite: bool, flags: tuple) -> Path:
+    latents, meta = read_latents(Path(path))
+    image_path = Path(target) if target else Path(path[: -len(SUFFIX)] + ".png")
+    if image_path.exists() and not overwrite:
+        raise OutputError(f"{image_path} already exists: pass --overwrite to replace it, or -o another path")
+    output.ensure_writable(image_path.parent)
+    run = RunConfig(model=meta["model"], config_dir=meta.get("config_dir"), device=device, flags=flags, quiet=quiet)
+    reporter = Reporter(quiet)
+    engine = pipeline.load(run, reporter)
+    images, notes = pipeline.decode(engine, latents.to(engine.pipe.unet.dtype))
+    meta["decode"] = {"vae_fp32": notes.vae_fp32, "nan_retry": notes.nan_retry, "tiled_retry": False}
+    meta["decoded_from"] = str(path)
+    meta["decode_flags"] = list(engine.flags)
+    output.save_png(images[0], image_path, meta, overwrite)
+    reporter.result({"status": "ok", "path": str(image_path)})
+    return image_path
+
+
+def read_latents(path: Path):
+    if not path.name.endswith(SUFFIX):
+        raise UsageError(f"{path} is not a {SUFFIX} file: give the latents file a run saved beside its image")
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            meta = json.loads((file.metadata() or {})["sdrun"])
+            return file.get_tensor("latents"), meta
+    except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as error:
+        raise UsageError(f"{path} is not a latents file written by sdrun ({error}): it may be truncated")

@@ -1,0 +1,56 @@
+"""`sdrun info`: what this machine can do, as the aligned two-column table `python -m xformers.info` prints.
+
+The flag lines use the same `unavailable_reasons` the CLI checks before a run, so the two never disagree.
+"""
+
+import platform
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from sdrun import backends, ops
+
+
+def rows(selftest: bool) -> list[tuple[str, str]]:
+    import accelerate
+    import diffusers
+    import transformers
+
+    import sdrun
+
+    table = [
+        ("sdrun", sdrun.__version__),
+        ("python", platform.python_version()),
+        ("torch", torch.__version__),
+        ("torch CUDA", torch.version.cuda or "none (CPU build)"),
+        ("diffusers", diffusers.__version__),
+        ("transformers", transformers.__version__),
+        ("accelerate", accelerate.__version__),
+    ]
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(index)
+            table.append((f"gpu {index}", f"{props.name}, compute capability {props.major}.{props.minor}, "
+                                          f"{props.total_memory / 2**30:.1f} GiB"))
+    else:
+        table.append(("gpu", "none visible to torch"))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    for key, value in ops.build_info().items():
+        table.append((f"kernel {key}", str(value)))
+    if selftest:
+        table.append(("kernel selftest", ops.selftest()))
+    for backend in backends.BACKENDS:
+        reasons = backend.unavailable_reasons(device)
+        table.append((backend.flag, "usable" if not reasons else "unavailable: " + "; ".join(reasons)))
+    return table
+
+
+def report(selftest: bool = True) -> None:
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    for key, value in rows(selftest):
+        grid.add_row(key, value)
+    # info is the result of this command, so it goes to stdout (a script may want to parse it)
+    Console(highlight=False, soft_wrap=True).print(grid)
