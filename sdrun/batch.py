@@ -133,6 +133,7 @@ def plan_items(jobs: list[tuple[int | None, Job]], run: RunConfig) -> list[Item]
 
 @dataclass
 class Summary:
+    total: int = 0  # images planned, plus bad prompt-file lines
     done: int = 0
     skipped: int = 0
     failed: int = 0
@@ -140,8 +141,7 @@ class Summary:
     start: float = field(default_factory=time.perf_counter)
 
     def line(self) -> str:
-        total = self.done + self.skipped + self.failed
-        return (f"sdrun: {self.done} done, {self.skipped} skipped, {self.failed} failed of {total} "
+        return (f"sdrun: {self.done} done, {self.skipped} skipped, {self.failed} failed of {self.total} "
                 f"in {time.perf_counter() - self.start:.1f}s")
 
     @property
@@ -153,23 +153,20 @@ class Summary:
 
 def run_items(run: RunConfig, items: list[Item], bad_lines: list[BadLine], reporter) -> Summary:
     """Load the model once, then make every item. A failed item is reported and the run goes on, unless
-    --fail-fast. The summary is printed however the run ends, Ctrl-C included."""
-    summary = Summary()
+    --fail-fast. Once generation has started, the summary is printed however the run ends, Ctrl-C included;
+    a model that cannot load ends the run with that one error instead."""
+    summary = Summary(total=len(items) + len(bad_lines))
+    for bad in bad_lines:
+        _fail(summary, reporter, {"line": bad.line}, f"line {bad.line}: {bad.message}")
+    todo = []
+    for item in items:
+        if run.skip_existing and item.path.exists():
+            summary.skipped += 1
+            reporter.result({"status": "skipped", **_describe(item)})
+        else:
+            todo.append(item)
+    engine = pipeline.load(run, reporter) if todo else None
     try:
-        for bad in bad_lines:
-            _fail(summary, reporter, {"line": bad.line}, f"line {bad.line}: {bad.message}")
-        if bad_lines and run.fail_fast:
-            return summary
-        todo = []
-        for item in items:
-            if run.skip_existing and item.path.exists():
-                summary.skipped += 1
-                reporter.result({"status": "skipped", "path": str(item.path), "seed": item.seed, "index": item.index})
-            else:
-                todo.append(item)
-        if not todo:
-            return summary
-        engine = pipeline.load(run, reporter)
         for chunk in _chunks(todo, run.batch_size):
             try:
                 _make(engine, run, chunk, summary, reporter)

@@ -17,7 +17,7 @@ class Sampler:
 
 SAMPLERS = {
     "ddim": Sampler("DDIMScheduler", "DDIM"),
-    "pndm": Sampler("PNDMScheduler", "PLMS"),
+    "pndm": Sampler("PNDMScheduler", "PLMS", {"skip_prk_steps": True}),  # PLMS proper, as SD 1.5 ships it
     "euler": Sampler("EulerDiscreteScheduler", "Euler"),
     "euler-a": Sampler("EulerAncestralDiscreteScheduler", "Euler a"),
     "dpm++2m": Sampler("DPMSolverMultistepScheduler", "DPM++ 2M"),

@@ -1,0 +1,66 @@
+"""Shared test setup: markers, an isolated working folder and offline Hub for every test, and a CLI runner.
+
+Markers: `cuda` tests need a CUDA GPU and are skipped without one; `slow` tests take more than a few seconds.
+"""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU; skipped when torch sees none")
+    config.addinivalue_line("markers", "slow: takes more than a few seconds")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    """Each test runs in its own empty folder, with the Hub unreachable by configuration, not by luck."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / ".hf"))
+    monkeypatch.delenv("SDRUN_MODEL", raising=False)
+    monkeypatch.delenv("SDRUN_DEBUG", raising=False)
+    return tmp_path
+
+
+class Result:
+    """What one CLI call did: exit code, stdout, stderr, and stdout parsed as JSON lines when asked."""
+
+    def __init__(self, result):
+        self.exit_code = result.exit_code
+        self.stdout = result.stdout
+        self.stderr = result.stderr
+        self.exception = result.exception
+
+    def records(self) -> list[dict]:
+        return [json.loads(line) for line in self.stdout.splitlines() if line.strip()]
+
+    def __repr__(self):
+        return f"<exit {self.exit_code}\nstdout: {self.stdout}\nstderr: {self.stderr}>"
+
+
+@pytest.fixture
+def sdrun():
+    """Call the real CLI in-process: sdrun("a cat", "--model", "tiny") -> Result."""
+    from sdrun.cli import cli
+
+    def invoke(*args, input=None):
+        return Result(CliRunner().invoke(cli, [str(a) for a in args], input=input))
+
+    return invoke
+
+
+TINY = ("--model", "tiny", "--steps", "2")

@@ -1,0 +1,237 @@
+"""The command line on the tiny model: what users type, what they get, and every bad input (issue 2)."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import TINY
+from sdrun.backends import BACKENDS
+from sdrun.schedulers import SAMPLERS
+
+
+def pixels(path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image, dtype=np.float32) / 255
+
+
+def test_help_shows_examples_and_every_flag_with_its_cost(sdrun):
+    result = sdrun("--help")
+    assert result.exit_code == 0
+    assert 'sdrun "astronaut on mars" --xformers' in result.stdout
+    run_help = sdrun("run", "--help").stdout
+    for backend in BACKENDS:
+        assert backend.flag in run_help
+    assert "--mem-efficient-attention" in run_help
+    assert "SDRUN_MODEL" in run_help and "noise" in run_help
+
+
+def test_default_command_writes_png_and_prints_only_its_path(sdrun, isolated):
+    result = sdrun("a red fox", *TINY, "--seed", "7")
+    assert result.exit_code == 0, result
+    assert result.stdout.splitlines() == [str(Path("outputs/7-a-red-fox.png"))]
+    assert "1 done, 0 skipped, 0 failed of 1" in result.stderr
+    with Image.open(isolated / "outputs/7-a-red-fox.png") as image:
+        assert image.size == (64, 64) and image.mode == "RGB"
+    assert not [p for p in (isolated / "outputs").iterdir() if p.name.startswith(".")]  # no temporary left
+
+
+def test_run_subcommand_and_default_command_agree(sdrun):
+    assert sdrun("run", "a fox", *TINY, "--seed", "3", "-o", "a.png").exit_code == 0
+    assert sdrun("a fox", *TINY, "--seed", "3", "-o", "b.png").exit_code == 0
+    assert np.array_equal(pixels("a.png"), pixels("b.png"))
+
+
+def test_same_seed_same_image_other_seed_other_image(sdrun):
+    for name, seed in (("a.png", 5), ("b.png", 5), ("c.png", 6)):
+        assert sdrun("a lighthouse", *TINY, "--seed", seed, "-o", name).exit_code == 0
+    assert np.array_equal(pixels("a.png"), pixels("b.png"))
+    assert np.abs(pixels("a.png") - pixels("c.png")).mean() > 0.01
+
+
+def test_random_seed_is_recorded_and_reproduces(sdrun):
+    result = sdrun("a boat", *TINY, "-o", "first.png")
+    assert result.exit_code == 0, result
+    with Image.open("first.png") as image:
+        seed = json.loads(image.text["sdrun"])["seed"]
+    assert sdrun("a boat", *TINY, "--seed", seed, "-o", "again.png").exit_code == 0
+    assert np.array_equal(pixels("first.png"), pixels("again.png"))
+
+
+@pytest.mark.parametrize("scheduler", sorted(SAMPLERS))
+def test_every_scheduler_runs_and_is_recorded(sdrun, scheduler):
+    result = sdrun("a tree", *TINY, "--seed", "1", "--scheduler", scheduler, "-o", "x.png")
+    assert result.exit_code == 0, result
+    with Image.open("x.png") as image:
+        assert f"Sampler: {SAMPLERS[scheduler].a1111_name}," in image.text["parameters"]
+        assert json.loads(image.text["sdrun"])["scheduler"] == scheduler
+    assert np.isfinite(pixels("x.png")).all() and pixels("x.png").std() > 0.01
+
+
+def test_metadata_round_trips_in_a1111_and_sdrun_chunks(sdrun):
+    result = sdrun("a castle, at dusk", *TINY, "--seed", "11", "--negative-prompt", "blurry", "--guidance", "5",
+                   "--scheduler", "euler-a", "-W", "72", "-H", "48", "-o", "c.png")
+    assert result.exit_code == 0, result
+    with Image.open("c.png") as image:
+        assert image.size == (72, 48)
+        assert image.text["parameters"] == (
+            "a castle, at dusk\nNegative prompt: blurry\n"
+            "Steps: 2, Sampler: Euler a, CFG scale: 5.0, Seed: 11, Size: 72x48, Model: tiny, Version: sdrun 0.1.0"
+        )
+        meta = json.loads(image.text["sdrun"])
+    assert meta["prompt"] == "a castle, at dusk" and meta["negative_prompt"] == "blurry"
+    assert (meta["seed"], meta["steps"], meta["guidance"], meta["width"], meta["height"]) == (11, 2, 5.0, 72, 48)
+    assert meta["scheduler"] == "euler-a" and meta["model"] == "tiny" and meta["flags"] == []
+    assert set(meta["versions"]) == {"sdrun", "torch", "diffusers", "transformers"}
+
+
+@pytest.mark.parametrize("flag", ["--vae-slicing", "--vae-tiling", "--channels-last"])
+def test_cpu_flags_give_an_image_close_to_flag_off(sdrun, flag):
+    # 128x128 so that tiling really splits the tiny VAE's 64-pixel tiles; batch 2 so that slicing really slices
+    common = ("a river", *TINY, "--seed", "4", "-W", "128", "-H", "128", "-n", "2", "--batch-size", "2")
+    assert sdrun(*common, "-o", "off-{index}.png").exit_code == 0
+    result = sdrun(*common, flag, "-o", "on-{index}.png")
+    assert result.exit_code == 0, result
+    for index in (0, 1):
+        off, on = pixels(f"off-{index}.png"), pixels(f"on-{index}.png")
+        assert np.abs(off - on).mean() < 0.02, (flag, np.abs(off - on).mean())
+    with Image.open("on-0.png") as image:
+        assert json.loads(image.text["sdrun"])["flags"] == [flag[2:].replace("-", "_")]
+
+
+def test_vae_tiling_really_changes_the_decode(sdrun):
+    """Guards the closeness test above against a flag that does nothing."""
+    common = ("a river", *TINY, "--seed", "4", "-W", "128", "-H", "128")
+    sdrun(*common, "-o", "off.png")
+    sdrun(*common, "--vae-tiling", "-o", "on.png")
+    assert not np.array_equal(pixels("off.png"), pixels("on.png"))
+
+
+def test_batched_image_equals_the_same_seed_made_alone(sdrun):
+    assert sdrun("a cat", *TINY, "--seed", "20", "-n", "3", "--batch-size", "3", "-o", "b-{seed}.png").exit_code == 0
+    assert sdrun("a cat", *TINY, "--seed", "21", "-o", "alone.png").exit_code == 0
+    assert np.abs(pixels("b-21.png") - pixels("alone.png")).max() <= 2 / 255
+
+
+@pytest.mark.parametrize("output, expected", [
+    ("out/", ["out/9-a-dog.png", "out/10-a-dog.png"]),
+    ("shot.png", ["shot-0.png", "shot-1.png"]),
+    ("x/{prompt}_{index}_{seed}.png", ["x/a-dog_0_9.png", "x/a-dog_1_10.png"]),
+])
+def test_output_file_folder_and_template(sdrun, isolated, output, expected):
+    result = sdrun("A dog!", *TINY, "--seed", "9", "-n", "2", "-o", output)
+    assert result.exit_code == 0, result
+    assert result.stdout.splitlines() == [str(Path(p)) for p in expected]
+    assert all((isolated / p).is_file() for p in expected)
+
+
+def test_existing_file_is_never_overwritten_without_overwrite(sdrun):
+    assert sdrun("a fox", *TINY, "--seed", "1", "-o", "f.png").exit_code == 0
+    before = Path("f.png").read_bytes()
+    result = sdrun("a fox", *TINY, "--seed", "2", "-o", "f.png")
+    assert result.exit_code == 1 and "already exists" in result.stderr and "--overwrite" in result.stderr
+    assert Path("f.png").read_bytes() == before
+    assert sdrun("a fox", *TINY, "--seed", "2", "-o", "f.png", "--overwrite").exit_code == 0
+    assert Path("f.png").read_bytes() != before
+
+
+def test_loading_from_a_diffusers_folder_matches_tiny(sdrun, isolated):
+    from sdrun import models
+
+    models.build_tiny().save_pretrained(isolated / "tiny-folder")
+    assert sdrun("a fox", *TINY, "--seed", "1", "-o", "a.png").exit_code == 0
+    result = sdrun("a fox", "--model", isolated / "tiny-folder", "--steps", "2", "--seed", "1", "-o", "b.png")
+    assert result.exit_code == 0, result
+    assert np.array_equal(pixels("a.png"), pixels("b.png"))
+
+
+def test_model_from_environment_variable(sdrun, monkeypatch):
+    monkeypatch.setenv("SDRUN_MODEL", "tiny")
+    assert sdrun("a fox", "--steps", "1", "--seed", "1").exit_code == 0
+
+
+def test_info_lists_versions_and_why_flags_are_unavailable(sdrun):
+    result = sdrun("info", "--no-selftest")
+    assert result.exit_code == 0, result
+    for key in ("sdrun", "torch", "diffusers", "--vae-tiling", "--xformers", "--fp16"):
+        assert key in result.stdout
+    if not __import__("torch").cuda.is_available():
+        assert "--fp16" in result.stdout and "needs a CUDA GPU" in result.stdout
+
+
+BAD_INPUTS = [
+    (("-W", "100"), 2, "not a positive multiple of 8"),
+    (("-H", "0"), 2, "not a positive multiple of 8"),
+    (("-W", "-64"), 2, "not a positive multiple of 8"),
+    (("--steps", "0"), 2, "steps must be at least 1"),
+    (("--guidance", "-1"), 2, "guidance must be 0 or more"),
+    (("--scheduler", "warp"), 2, "unknown scheduler 'warp'"),
+    (("--seed", "-3"), 2, "out of range"),
+    (("-n", "0"), 2, "at least 1"),
+    (("--batch-size", "0"), 2, "at least 1"),
+    (("--steps", "many"), 2, "is not a valid integer"),
+    (("--model", "no/such/dir/model.safetensors"), 1, "does not exist"),
+    (("--cpu-offload", "--model-offload"), 2, "cannot be combined"),
+    (("--fp16",), 2, "needs a CUDA GPU"),
+    (("--xformers",), 2, "needs a CUDA GPU"),
+    (("--model-offload",), 2, "needs a CUDA GPU"),
+    (("--device", "cuda"), 2, "no CUDA GPU"),
+    (("-o", "picture.jpg"), 2, "not a .png file or a folder"),
+    (("-o", "out/{name}.png"), 2, "unknown placeholder {name}"),
+    (("--overwrite", "--skip-existing"), 2, "contradict"),
+]
+
+
+@pytest.mark.parametrize("args, code, message", BAD_INPUTS, ids=[" ".join(a) for a, _, _ in BAD_INPUTS])
+def test_bad_input_is_one_line_with_exit_code_and_writes_nothing(sdrun, isolated, args, code, message):
+    if args[0] in ("--fp16", "--xformers", "--model-offload", "--device") and __import__("torch").cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result = sdrun("a fox", *_with_tiny(args))
+    assert result.exit_code == code, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sdrun: error: "), result
+    assert message in lines[0]
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    assert sorted(p.name for p in isolated.iterdir() if not p.name.startswith(".")) == []
+
+
+def _with_tiny(args):
+    return args if "--model" in args else ("--model", "tiny", *args)
+
+
+def test_empty_prompt_is_refused(sdrun, isolated):
+    result = sdrun("  ", *TINY)
+    assert result.exit_code == 2 and "the prompt is empty" in result.stderr
+    assert not (isolated / "outputs").exists()
+
+
+def test_unwritable_output_folder_is_refused_before_loading(sdrun, isolated):
+    Path("blocker").write_text("a file where a folder should be")
+    result = sdrun("a fox", *TINY, "-o", "blocker/sub/x.png")
+    assert result.exit_code == 1 and "cannot write to output folder" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("content", [b"this is not a checkpoint", b""])
+def test_file_that_is_not_a_checkpoint_is_refused(sdrun, content):
+    Path("bogus.safetensors").write_bytes(content)
+    result = sdrun("a fox", "--model", "bogus.safetensors", "--steps", "1")
+    assert result.exit_code == 1 and "bogus.safetensors" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_hub_id_without_network_says_how_to_use_a_local_model(sdrun):
+    result = sdrun("a fox", "--model", "someone/some-model", "--steps", "1")
+    assert result.exit_code == 1
+    assert "could not fetch" in result.stderr and "--model PATH" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_debug_env_shows_the_traceback(sdrun, monkeypatch):
+    monkeypatch.setenv("SDRUN_DEBUG", "1")
+    result = sdrun("a fox", *TINY, "--steps", "0")
+    assert result.exit_code != 0 and result.exception is not None
+    assert type(result.exception).__name__ == "UsageError"
