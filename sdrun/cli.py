@@ -16,7 +16,7 @@ import sys
 
 import click
 
-from sdrun import backends
+from sdrun import __version__, backends
 from sdrun.batch import plan_items, read_prompt_file, run_items
 from sdrun.config import DEFAULT_MODEL, DEFAULT_OUTPUT, Job, RunConfig, validate
 from sdrun.console import Reporter, stderr
@@ -58,7 +58,7 @@ def _error_line(message: str) -> None:
 
 
 @click.group(cls=SdrunGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="sdrun")
+@click.version_option(__version__, prog_name="sdrun")
 def cli():
     """Stable Diffusion text-to-image, made for small GPUs and big batches.
 

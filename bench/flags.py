@@ -1,0 +1,147 @@
+"""End-to-end speed and memory of every sdrun memory flag, beside plain diffusers, in one run on one GPU.
+
+The model is the full-size Stable Diffusion 1.5 architecture (configs/sd1) with seeded random weights: speed and
+memory do not depend on weight values (no weights can be downloaded here). Weight matrices are scaled by 0.5 so
+fp16 activations stay finite. The pipeline is saved once as a diffusers folder, and both sides load that folder:
+sdrun through its real loader and backends, diffusers through from_pretrained with its defaults (SDPA attention).
+
+Each row: load, one warm-up image, then the best of --repeats timed images (text encoder + denoising + VAE decode
+to a PIL image), and the peak of torch.cuda.max_memory_allocated over the timed images.
+
+    python bench/flags.py                      # 512x512, 50 steps, every flag and the useful combinations
+    python bench/flags.py --quick              # 10 steps, to check the script itself
+"""
+
+import argparse
+import datetime
+import gc
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import diffusers  # noqa: E402
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
+
+from sdrun import models, pipeline  # noqa: E402
+from sdrun.config import Job, RunConfig  # noqa: E402
+from sdrun.console import Reporter  # noqa: E402
+
+PROMPT = "an astronaut riding a horse on mars, detailed, 8k"
+
+# (label, sdrun flags) at the default size; None = plain diffusers.
+ROWS_512 = [
+    ("diffusers fp32 (SDPA)", None, torch.float32),
+    ("diffusers fp16 (SDPA)", None, torch.float16),
+    ("sdrun (no flags, fp32)", (), None),
+    ("sdrun --fp16", ("fp16",), None),
+    ("sdrun --fp16 --xformers", ("fp16", "xformers"), None),
+    ("sdrun --fp16 --channels-last", ("fp16", "channels_last"), None),
+    ("sdrun --fp16 --vae-slicing", ("fp16", "vae_slicing"), None),
+    ("sdrun --fp16 --vae-tiling", ("fp16", "vae_tiling"), None),
+    ("sdrun --fp16 --model-offload", ("fp16", "model_offload"), None),
+    ("sdrun --fp16 --cpu-offload", ("fp16", "cpu_offload"), None),
+    ("sdrun --fp16 --xformers --vae-tiling --model-offload", ("fp16", "xformers", "vae_tiling", "model_offload"), None),
+]
+ROWS_1024 = [
+    ("diffusers fp16 (SDPA)", None, torch.float16),
+    ("sdrun --fp16", ("fp16",), None),
+    ("sdrun --fp16 --xformers", ("fp16", "xformers"), None),
+]
+
+
+def build_sd15(folder: Path) -> None:
+    """Save the SD 1.5 architecture with seeded random weights (fp16 files) as a diffusers folder."""
+    torch.manual_seed(0)
+    config = models.CONFIGS / "sd1"
+    with torch.device("cuda"):  # initialising 1.07 B parameters is seconds on the GPU, minutes on a CPU
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config / "unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(config / "vae"))
+        text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(config / "text_encoder"))
+    with torch.no_grad():
+        for module in (unet, vae, text_encoder):
+            for parameter in module.parameters():
+                if parameter.dim() >= 2:
+                    parameter.mul_(0.5)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=models.tokenizer(), unet=unet,
+                                   scheduler=DDIMScheduler.from_pretrained(config, subfolder="scheduler"),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.to(torch.float16).save_pretrained(folder)
+
+
+def measure(make_image, repeats: int) -> tuple[float, float]:
+    make_image()  # warm-up: cuDNN autotuning, allocator growth, kernel loading
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        make_image()
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best, torch.cuda.max_memory_allocated() / 2**30
+
+
+def diffusers_row(folder: Path, dtype, size: int, steps: int, repeats: int):
+    pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype).to("cuda")
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator("cpu")
+
+    def make():
+        pipe(PROMPT, num_inference_steps=steps, width=size, height=size, generator=generator.manual_seed(0))
+
+    try:
+        return measure(make, repeats)
+    finally:
+        del pipe
+
+
+def sdrun_row(folder: Path, flags, size: int, steps: int, repeats: int):
+    engine = pipeline.load(RunConfig(model=str(folder), flags=flags), Reporter(quiet=True))
+    job = Job(prompt=PROMPT, steps=steps, width=size, height=size)
+
+    def make():
+        pipeline.decode(engine, pipeline.denoise(engine, job, [0]))
+
+    try:
+        return measure(make, repeats)
+    finally:
+        del engine
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="10 steps, 1 repeat")
+    parser.add_argument("--folder", type=Path, default=Path("/tmp/sdrun-bench-sd15"))
+    parser.add_argument("--skip-1024", action="store_true")
+    args = parser.parse_args()
+    steps, repeats = (10, 1) if args.quick else (args.steps, args.repeats)
+    if not (args.folder / "model_index.json").is_file():
+        build_sd15(args.folder)
+    print(f"# sdrun flags benchmark, {datetime.date.today()}, {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+          f"CUDA {torch.version.cuda}, diffusers {diffusers.__version__}; SD 1.5 architecture, random weights, "
+          f"DDIM, guidance 7.5, {steps} steps, batch 1, best of {repeats}")
+    print("| size | configuration | s / image | it/s | peak GiB |")
+    print("|---|---|---|---|---|")
+    plan = [(512, row) for row in ROWS_512] + ([] if args.skip_1024 else [(1024, row) for row in ROWS_1024])
+    for size, (label, flags, dtype) in plan:
+        try:
+            if flags is None:
+                seconds, peak = diffusers_row(args.folder, dtype, size, steps, repeats)
+            else:
+                seconds, peak = sdrun_row(args.folder, flags, size, steps, repeats)
+            print(f"| {size}x{size} | {label} | {seconds:.3f} | {steps / seconds:.1f} | {peak:.2f} |", flush=True)
+        except Exception as error:  # a row that cannot run here says why; the table goes on
+            print(f"| {size}x{size} | {label} | failed: {str(error).splitlines()[0][:120]} | | |", flush=True)
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
