@@ -36,7 +36,9 @@ from sdrun.errors import ModelError  # noqa: E402
 diffusers.utils.logging.set_verbosity_error()
 diffusers.utils.logging.disable_progress_bar()
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+# A wheel installs configs/ as sdrun/configs (setup.py); a source checkout or editable install has it beside sdrun/.
+CONFIGS = next(d for d in (Path(__file__).resolve().parent / "configs", Path(__file__).resolve().parent.parent / "configs")
+               if d.is_dir())
 FAMILIES = ("sd1", "sd2", "sd2-v", "sdxl")
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 HUB_ID = re.compile(r"^[\w][\w.-]*/[\w][\w.-]*$")
@@ -74,8 +76,8 @@ def resolve_model(spec: str, config_dir: str | None = None) -> ModelSource:
             raise ModelError(f"'{spec}' has an unknown extension '{path.suffix}': "
                              "pass a .safetensors or .ckpt checkpoint, or a diffusers folder")
         kind = "file"
-    elif HUB_ID.match(spec) and not spec.lower().endswith(CHECKPOINT_SUFFIXES):
-        kind, path = "hub", None
+    elif HUB_ID.match(spec) and not spec.lower().endswith(CHECKPOINT_SUFFIXES) and not path.parent.is_dir():
+        kind, path = "hub", None  # 'org/name' whose 'org' is no local folder: a path would have been a typo
     else:
         raise ModelError(f"model path '{spec}' does not exist: check the path, "
                          "or pass a Hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5, or 'tiny'")
@@ -205,7 +207,7 @@ def read_checkpoint_shapes(path: Path) -> tuple[dict[str, tuple[int, ...]], int 
             with safe_open(path, framework="pt") as f:
                 return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}, None
         except (SafetensorError, OSError) as error:
-            raise _unreadable(path, error) from error
+            raise _unreadable(path) from error
     try:
         try:
             data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -219,7 +221,7 @@ def read_checkpoint_shapes(path: Path) -> tuple[dict[str, tuple[int, ...]], int 
         if "Unsupported global" in str(error):
             raise ModelError(f"'{path}' needs pickled code to load; sdrun loads .ckpt weights-only for safety: "
                              "convert it to .safetensors") from error
-        raise _unreadable(path, error) from error
+        raise _unreadable(path) from error
     if not isinstance(data, dict):
         raise _not_a_checkpoint(path)
     global_step = data.get("global_step")
@@ -253,7 +255,7 @@ def detect_family(shapes, global_step: int | None = None) -> str:
     return "sd1"
 
 
-def _unreadable(path: Path, error: Exception) -> ModelError:
+def _unreadable(path: Path) -> ModelError:
     # The library's reason (in the chained traceback, SDRUN_DEBUG=1) is often a paragraph or a bare byte value.
     return ModelError(f"'{path}' is corrupt or truncated, or not a checkpoint: download the checkpoint again")
 
@@ -265,4 +267,6 @@ def _not_a_checkpoint(path: Path | None) -> ModelError:
 
 
 def _first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+    """The first sentence of a library error: the rest is advice for library users, not for sdrun's."""
+    line = (str(error).strip().splitlines() or [type(error).__name__])[0].split(". ")[0].rstrip(".")
+    return " ".join(line.split())  # diffusers leaves double spaces where a name is empty

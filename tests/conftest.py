@@ -16,6 +16,9 @@ def pytest_configure(config):
     # makes a UNet call 30x slower (2.2 s against 0.07 s, measured). Subprocesses inherit OMP_NUM_THREADS.
     torch.set_num_threads(1)
     os.environ["OMP_NUM_THREADS"] = "1"
+    # huggingface_hub reads these once, when first imported: set them before any test imports diffusers
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU; skipped when torch sees none")
     config.addinivalue_line("markers", "slow: takes more than a few seconds")
 
@@ -31,11 +34,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def isolated(tmp_path, monkeypatch):
-    """Each test runs in its own empty folder, with the Hub unreachable by configuration, not by luck."""
+    """Each test runs in its own empty folder (the Hub is off for the whole session: pytest_configure)."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / ".hf"))
     monkeypatch.delenv("SDRUN_MODEL", raising=False)
     monkeypatch.delenv("SDRUN_DEBUG", raising=False)
     return tmp_path

@@ -1,0 +1,121 @@
+// The only torch-facing C++ of sdrun: checks inputs, fills MemEffAttnParams, launches on the current stream.
+// Built by setup.py (extension sdrun._C) or just in time by sdrun/ops/_ext.py, together with mem_eff_attn.cu.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+
+#include <cmath>
+#include <optional>
+
+#include "mem_eff_attn.h"
+
+// Messages are built with std::string and passed as one const char*: streaming numbers through TORCH_CHECK's
+// variadic form crashed (SIGSEGV) in extensions built on the device image with torch 2.11.
+#define CHECK(cond, msg) TORCH_CHECK(cond, std::string(msg).c_str())
+static std::string str(int64_t x) { return std::to_string(x); }
+static std::string str(at::IntArrayRef s) {
+    std::string r = "(";
+    for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
+    return r + ")";
+}
+#define CHECK_DEVICE(x) TORCH_CHECK((x).is_cuda(), #x " must be a CUDA tensor")
+#define CHECK_SHAPE(x, ...) \
+    CHECK((x).sizes() == at::IntArrayRef({__VA_ARGS__}), #x " must have shape (" #__VA_ARGS__ "), got " + str((x).sizes()))
+#define CHECK_LAST_CONTIGUOUS(x) TORCH_CHECK((x).stride(-1) == 1, #x " must have contiguous last dimension")
+
+// The kernel reads 16-byte vectors: base 16-byte aligned and every stride a multiple of 8 elements.
+static at::Tensor aligned(const at::Tensor &x) {
+    bool ok = reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0;
+    for (int i = 0; i < 3; ++i) ok = ok && x.stride(i) % 8 == 0;
+    return ok ? x : x.contiguous();
+}
+
+// q: (batch, seqlen_q, heads, head_dim); k, v: (batch, seqlen_k, heads, head_dim); returns o like q (contiguous),
+// or writes into `out` when given (same shape and dtype, contiguous last dimension).
+at::Tensor mem_eff_attn_fwd_torch(at::Tensor q, at::Tensor k, at::Tensor v, double scale,
+                                  std::optional<at::Tensor> out_, int64_t variant) {
+    CHECK_DEVICE(q); CHECK_DEVICE(k); CHECK_DEVICE(v);
+    CHECK(q.dim() == 4, "q must have 4 dimensions (batch, seqlen_q, heads, head_dim), got " + str(q.dim()));
+    TORCH_CHECK(k.dim() == 4 && v.dim() == 4, "k and v must have 4 dimensions (batch, seqlen_k, heads, head_dim)");
+    const auto dtype = q.scalar_type();
+    TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16, "q must be float16 or bfloat16");
+    TORCH_CHECK(k.scalar_type() == dtype && v.scalar_type() == dtype, "q, k and v must have the same dtype");
+    TORCH_CHECK(k.device() == q.device() && v.device() == q.device(), "q, k and v must be on the same device");
+    const int64_t batch = q.size(0), seqlen_q = q.size(1), heads = q.size(2), head_dim = q.size(3);
+    const int64_t seqlen_k = k.size(1);
+    CHECK_SHAPE(k, batch, seqlen_k, heads, head_dim);
+    CHECK_SHAPE(v, batch, seqlen_k, heads, head_dim);
+    CHECK(head_dim % 8 == 0 && head_dim <= 256, "head_dim must be a multiple of 8 and at most 256, got " + str(head_dim));
+    TORCH_CHECK(seqlen_k >= 1, "k and v must hold at least one key (seqlen_k >= 1)");
+    CHECK(std::isfinite(scale) && scale > 0, "scale must be a positive finite number, got " + std::to_string(scale));
+    TORCH_CHECK(seqlen_q <= INT32_MAX && seqlen_k <= INT32_MAX && heads <= 65535 && batch <= 65535,
+                "sizes out of range: seqlen < 2^31, heads and batch <= 65535");
+    CHECK_LAST_CONTIGUOUS(q); CHECK_LAST_CONTIGUOUS(k); CHECK_LAST_CONTIGUOUS(v);
+
+    at::cuda::CUDAGuard device_guard{q.device()};
+    const auto *props = at::cuda::getCurrentDeviceProperties();
+    const int sm = props->major * 10 + props->minor;
+    const std::string cc = str(props->major) + "." + str(props->minor);
+    CHECK(sm >= 75, "the sdrun attention kernel needs a GPU of compute capability 7.5 or newer, this one is " + cc);
+    CHECK(dtype != at::kBFloat16 || sm >= 80, "bfloat16 needs compute capability 8.0 or newer, this GPU is " + cc +
+                                                  ": use float16");
+    const int max_smem = static_cast<int>(props->sharedMemPerBlockOptin);
+    const int smem = mem_eff_attn_smem_bytes(int(head_dim), dtype == at::kBFloat16, max_smem);
+    CHECK(smem <= max_smem, "head_dim " + str(head_dim) + " needs " + str(smem) +
+                                " bytes of shared memory per block, this GPU allows " + str(max_smem));
+
+    at::Tensor out;
+    if (out_.has_value()) {
+        out = out_.value();
+        CHECK_DEVICE(out);
+        TORCH_CHECK(out.scalar_type() == dtype, "out must have the dtype of q");
+        CHECK_SHAPE(out, batch, seqlen_q, heads, head_dim);
+        CHECK_LAST_CONTIGUOUS(out);
+        TORCH_CHECK(reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0 && out.stride(0) % 8 == 0 &&
+                        out.stride(1) % 8 == 0 && out.stride(2) % 8 == 0,
+                    "out must be 16-byte aligned with strides that are multiples of 8");
+    } else {
+        out = at::empty_like(q, at::MemoryFormat::Contiguous);
+    }
+    if (batch == 0 || seqlen_q == 0 || heads == 0) return out;
+    q = aligned(q); k = aligned(k); v = aligned(v);
+
+    MemEffAttnParams p{};
+    p.q = q.data_ptr(); p.k = k.data_ptr(); p.v = v.data_ptr(); p.o = out.data_ptr();
+    p.q_batch_stride = q.stride(0); p.q_row_stride = q.stride(1); p.q_head_stride = q.stride(2);
+    p.k_batch_stride = k.stride(0); p.k_row_stride = k.stride(1); p.k_head_stride = k.stride(2);
+    p.v_batch_stride = v.stride(0); p.v_row_stride = v.stride(1); p.v_head_stride = v.stride(2);
+    p.o_batch_stride = out.stride(0); p.o_row_stride = out.stride(1); p.o_head_stride = out.stride(2);
+    p.batch = int(batch); p.heads = int(heads); p.seqlen_q = int(seqlen_q); p.seqlen_k = int(seqlen_k);
+    p.head_dim = int(head_dim);
+    p.scale_log2 = float(scale * M_LOG2E);  // the kernel exponentiates with exp2
+    p.is_bf16 = dtype == at::kBFloat16;
+    p.sm = sm;
+    p.max_smem_per_block = max_smem;
+    p.num_sms = props->multiProcessorCount;
+    p.variant = int(variant);
+    C10_CUDA_CHECK(mem_eff_attn_fwd(p, at::cuda::getCurrentCUDAStream()));  // launch errors; never synchronizes
+    return out;
+}
+
+// Ops live in the dispatcher (torch.ops.sdrun_C.*): torch translates their errors into Python exceptions itself.
+at::Tensor fwd(at::Tensor q, at::Tensor k, at::Tensor v, double scale, int64_t variant) {
+    return mem_eff_attn_fwd_torch(q, k, v, scale, std::nullopt, variant);
+}
+void fwd_out(at::Tensor q, at::Tensor k, at::Tensor v, double scale, at::Tensor out, int64_t variant) {
+    mem_eff_attn_fwd_torch(q, k, v, scale, out, variant);  // tests poison `out` first to catch unwritten elements
+}
+int64_t bucket(int64_t head_dim) { return mem_eff_attn_bucket(int(head_dim)); }
+
+TORCH_LIBRARY(sdrun_C, m) {
+    m.def("fwd(Tensor q, Tensor k, Tensor v, float scale, int variant=0) -> Tensor");
+    m.def("fwd_out(Tensor q, Tensor k, Tensor v, float scale, Tensor(a!) out, int variant=0) -> ()");
+    m.def("bucket(int head_dim) -> int", &bucket);
+}
+TORCH_LIBRARY_IMPL(sdrun_C, CUDA, m) {
+    m.impl("fwd", &fwd);
+    m.impl("fwd_out", &fwd_out);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {}  // importing the module registers the ops above
