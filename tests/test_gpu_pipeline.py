@@ -1,0 +1,50 @@
+"""The backends on a GPU, on the tiny model: each flag keeps the image close to the flag-off image, and the
+memory flags really lower peak memory. Skipped without CUDA; bench/flags.py measures the full-size model."""
+
+import numpy as np
+import pytest
+import torch
+
+from sdrun import pipeline
+from sdrun.config import Job, RunConfig
+from sdrun.console import Reporter
+
+pytestmark = pytest.mark.cuda
+
+
+def image(flags, job, device="cuda"):
+    engine = pipeline.load(RunConfig(model="tiny", flags=flags, device=device), Reporter(quiet=True))
+    pipeline.reset_peak_memory(engine.device)
+    images, notes = pipeline.decode(engine, pipeline.denoise(engine, job, [job.seed]))
+    peak = torch.cuda.max_memory_allocated() if engine.device.type == "cuda" else 0
+    return np.asarray(images[0], dtype=np.float32) / 255, peak, notes
+
+
+JOB = Job(prompt="a red fox", steps=4, seed=3, width=128, height=128)
+
+
+@pytest.mark.parametrize("flags", [("fp16",), ("channels_last",), ("vae_slicing",), ("vae_tiling",),
+                                   ("model_offload",), ("cpu_offload",), ("fp16", "xformers"),
+                                   ("fp16", "xformers", "vae_tiling", "model_offload")])
+def test_flag_image_is_close_to_plain_gpu_image(flags):
+    plain, _, _ = image((), JOB)
+    flagged, _, _ = image(flags, JOB)
+    difference = np.abs(plain - flagged).mean()
+    print(flags, "mean abs difference", difference)
+    assert difference < 0.02
+
+
+def test_gpu_image_matches_cpu_image():
+    gpu, _, _ = image((), JOB)
+    cpu, _, _ = image((), JOB, device="cpu")
+    assert np.abs(gpu - cpu).mean() < 0.01  # the starting noise is drawn on the CPU, so seeds agree across devices
+
+
+def test_vae_tiling_lowers_peak_memory_at_a_large_size():
+    """On the tiny model activations dominate, so tiling's effect shows; offload's (weights) shows only at full
+    size, in bench/flags.py."""
+    job = Job(prompt="a red fox", steps=1, seed=3, width=1024, height=1024)
+    _, plain_peak, _ = image(("fp16",), job)
+    _, tiled_peak, _ = image(("fp16", "vae_tiling"), job)
+    print(f"peak {plain_peak / 2**20:.0f} MiB -> {tiled_peak / 2**20:.0f} MiB with --vae-tiling")
+    assert tiled_peak < 0.8 * plain_peak
