@@ -15,12 +15,13 @@ import os
 import sys
 
 import click
+import torch
 
 from sdrun import __version__, backends
 from sdrun.batch import plan_items, read_prompt_file, run_items
 from sdrun.config import DEFAULT_MODEL, DEFAULT_OUTPUT, Job, RunConfig, validate
 from sdrun.console import Reporter, stderr
-from sdrun.errors import SdrunError, UsageError
+from sdrun.errors import OutOfMemory, SdrunError, UsageError
 
 EXIT_INTERRUPTED = 130
 
@@ -51,6 +52,11 @@ class SdrunGroup(click.Group):
                 raise
             _error_line(str(error))
             sys.exit(error.exit_code)
+        except torch.OutOfMemoryError:
+            if debug:
+                raise
+            _error_line("out of GPU memory: add --vae-tiling, --model-offload or --cpu-offload, or use a smaller size")
+            sys.exit(OutOfMemory.exit_code)
 
 
 def _error_line(message: str) -> None:

@@ -255,3 +255,13 @@ def test_ctrl_c_leaves_complete_files_only_and_a_rerun_finishes_the_set(isolated
     assert rerun.returncode == 0, rerun.stderr
     assert len(list(Path("set").glob("*.png"))) == total
     assert f"{total - len(written)} done, {len(written)} skipped" in rerun.stderr
+
+
+def test_out_of_memory_outside_a_batch_item_is_one_line_and_exit_4(sdrun, monkeypatch):
+    real = inject_decode(monkeypatch, ["oom-untiled"])
+    assert sdrun("a fox", *TINY, "--seed", "3", "-o", "big.png").exit_code == 0
+    monkeypatch.setattr(pipeline, "_vae_decode", lambda *_: (_ for _ in ()).throw(torch.OutOfMemoryError("injected")))
+    result = sdrun("decode", "big.latents.safetensors", "-o", "later.png")
+    assert result.exit_code == 4 and "out of GPU memory" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not Path("later.png").exists()
+    monkeypatch.setattr(pipeline, "_vae_decode", real)
