@@ -10,6 +10,7 @@ to a PIL image), and the peak of torch.cuda.max_memory_allocated over the timed 
 
     python bench/flags.py                      # 512x512, 50 steps, every flag and the useful combinations
     python bench/flags.py --quick              # 10 steps, to check the script itself
+    python bench/flags.py --family tiny --size 64 --quick --skip-1024   # the script's plumbing, on any machine
 """
 
 import argparse
@@ -32,6 +33,7 @@ from sdrun.config import Job, RunConfig  # noqa: E402
 from sdrun.console import Reporter  # noqa: E402
 
 PROMPT = "an astronaut riding a horse on mars, detailed, 8k"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # (label, sdrun flags) at the default size; None = plain diffusers.
 ROWS_512 = [
@@ -54,11 +56,11 @@ ROWS_1024 = [
 ]
 
 
-def build_sd15(folder: Path) -> None:
-    """Save the SD 1.5 architecture with seeded random weights (fp16 files) as a diffusers folder."""
+def build(family: str, folder: Path) -> None:
+    """Save an SD 1.x-architecture pipeline (configs/<family>) with seeded random weights as a diffusers folder."""
     torch.manual_seed(0)
-    config = models.CONFIGS / "sd1"
-    with torch.device("cuda"):  # initialising 1.07 B parameters is seconds on the GPU, minutes on a CPU
+    config = models.CONFIGS / family
+    with torch.device(DEVICE):  # initialising 1.07 B parameters is seconds on the GPU, minutes on a CPU
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config / "unet"))
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(config / "vae"))
         text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(config / "text_encoder"))
@@ -70,24 +72,30 @@ def build_sd15(folder: Path) -> None:
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=models.tokenizer(), unet=unet,
                                    scheduler=DDIMScheduler.from_pretrained(config, subfolder="scheduler"),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.to(torch.float16).save_pretrained(folder)
+    pipe.to(torch.float16 if DEVICE == "cuda" else torch.float32).save_pretrained(folder)
 
 
 def measure(make_image, repeats: int) -> tuple[float, float]:
     make_image()  # warm-up: cuDNN autotuning, allocator growth, kernel loading
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    sync()
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         make_image()
-        torch.cuda.synchronize()
+        sync()
         best = min(best, time.perf_counter() - start)
-    return best, torch.cuda.max_memory_allocated() / 2**30
+    return best, (torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else float("nan"))
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
 
 def diffusers_row(folder: Path, dtype, size: int, steps: int, repeats: int):
-    pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype).to("cuda")
+    pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=dtype).to(DEVICE)
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator("cpu")
 
@@ -118,29 +126,34 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="10 steps, 1 repeat")
-    parser.add_argument("--folder", type=Path, default=Path("/tmp/sdrun-bench-sd15"))
-    parser.add_argument("--skip-1024", action="store_true")
+    parser.add_argument("--family", default="sd1", help="architecture from configs/ (sd1; tiny for a smoke test)")
+    parser.add_argument("--folder", type=Path, help="where the random-weight model is saved [/tmp/sdrun-bench-FAMILY]")
+    parser.add_argument("--size", type=int, default=512, help="the first table's image size")
+    parser.add_argument("--skip-1024", action="store_true", help="leave out the 1024x1024 rows")
     args = parser.parse_args()
     steps, repeats = (10, 1) if args.quick else (args.steps, args.repeats)
-    if not (args.folder / "model_index.json").is_file():
-        build_sd15(args.folder)
-    print(f"# sdrun flags benchmark, {datetime.date.today()}, {torch.cuda.get_device_name()}, torch {torch.__version__}, "
-          f"CUDA {torch.version.cuda}, diffusers {diffusers.__version__}; SD 1.5 architecture, random weights, "
+    folder = args.folder or Path(f"/tmp/sdrun-bench-{args.family}")
+    if not (folder / "model_index.json").is_file():
+        build(args.family, folder)
+    device_name = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU"
+    print(f"# sdrun flags benchmark, {datetime.date.today()}, {device_name}, torch {torch.__version__}, "
+          f"CUDA {torch.version.cuda}, diffusers {diffusers.__version__}; {args.family} architecture, random weights, "
           f"DDIM, guidance 7.5, {steps} steps, batch 1, best of {repeats}")
     print("| size | configuration | s / image | it/s | peak GiB |")
     print("|---|---|---|---|---|")
-    plan = [(512, row) for row in ROWS_512] + ([] if args.skip_1024 else [(1024, row) for row in ROWS_1024])
+    plan = [(args.size, row) for row in ROWS_512] + ([] if args.skip_1024 else [(1024, row) for row in ROWS_1024])
     for size, (label, flags, dtype) in plan:
         try:
             if flags is None:
-                seconds, peak = diffusers_row(args.folder, dtype, size, steps, repeats)
+                seconds, peak = diffusers_row(folder, dtype, size, steps, repeats)
             else:
-                seconds, peak = sdrun_row(args.folder, flags, size, steps, repeats)
+                seconds, peak = sdrun_row(folder, flags, size, steps, repeats)
             print(f"| {size}x{size} | {label} | {seconds:.3f} | {steps / seconds:.1f} | {peak:.2f} |", flush=True)
         except Exception as error:  # a row that cannot run here says why; the table goes on
             print(f"| {size}x{size} | {label} | failed: {str(error).splitlines()[0][:120]} | | |", flush=True)
         gc.collect()
-        torch.cuda.empty_cache()
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@
 
 // Messages are built with std::string and passed as one const char*: streaming numbers through TORCH_CHECK's
 // variadic form crashed (SIGSEGV) in extensions built on the device image with torch 2.11.
-#define CHECK(cond, msg) TORCH_CHECK(cond, std::string(msg).c_str())
+#define CHECK_MSG(cond, msg) TORCH_CHECK(cond, std::string(msg).c_str())
 static std::string str(int64_t x) { return std::to_string(x); }
 static std::string str(at::IntArrayRef s) {
     std::string r = "(";
@@ -21,7 +21,7 @@ static std::string str(at::IntArrayRef s) {
 }
 #define CHECK_DEVICE(x) TORCH_CHECK((x).is_cuda(), #x " must be a CUDA tensor")
 #define CHECK_SHAPE(x, ...) \
-    CHECK((x).sizes() == at::IntArrayRef({__VA_ARGS__}), #x " must have shape (" #__VA_ARGS__ "), got " + str((x).sizes()))
+    CHECK_MSG((x).sizes() == at::IntArrayRef({__VA_ARGS__}), #x " must have shape (" #__VA_ARGS__ "), got " + str((x).sizes()))
 #define CHECK_LAST_CONTIGUOUS(x) TORCH_CHECK((x).stride(-1) == 1, #x " must have contiguous last dimension")
 
 // The kernel reads 16-byte vectors: base 16-byte aligned and every stride a multiple of 8 elements.
@@ -36,7 +36,7 @@ static at::Tensor aligned(const at::Tensor &x) {
 at::Tensor mem_eff_attn_fwd_torch(at::Tensor q, at::Tensor k, at::Tensor v, double scale,
                                   std::optional<at::Tensor> out_, int64_t variant) {
     CHECK_DEVICE(q); CHECK_DEVICE(k); CHECK_DEVICE(v);
-    CHECK(q.dim() == 4, "q must have 4 dimensions (batch, seqlen_q, heads, head_dim), got " + str(q.dim()));
+    CHECK_MSG(q.dim() == 4, "q must have 4 dimensions (batch, seqlen_q, heads, head_dim), got " + str(q.dim()));
     TORCH_CHECK(k.dim() == 4 && v.dim() == 4, "k and v must have 4 dimensions (batch, seqlen_k, heads, head_dim)");
     const auto dtype = q.scalar_type();
     TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16, "q must be float16 or bfloat16");
@@ -46,9 +46,9 @@ at::Tensor mem_eff_attn_fwd_torch(at::Tensor q, at::Tensor k, at::Tensor v, doub
     const int64_t seqlen_k = k.size(1);
     CHECK_SHAPE(k, batch, seqlen_k, heads, head_dim);
     CHECK_SHAPE(v, batch, seqlen_k, heads, head_dim);
-    CHECK(head_dim % 8 == 0 && head_dim <= 256, "head_dim must be a multiple of 8 and at most 256, got " + str(head_dim));
+    CHECK_MSG(head_dim % 8 == 0 && head_dim <= 256, "head_dim must be a multiple of 8 and at most 256, got " + str(head_dim));
     TORCH_CHECK(seqlen_k >= 1, "k and v must hold at least one key (seqlen_k >= 1)");
-    CHECK(std::isfinite(scale) && scale > 0, "scale must be a positive finite number, got " + std::to_string(scale));
+    CHECK_MSG(std::isfinite(scale) && scale > 0, "scale must be a positive finite number, got " + std::to_string(scale));
     TORCH_CHECK(seqlen_q <= INT32_MAX && seqlen_k <= INT32_MAX && heads <= 65535 && batch <= 65535,
                 "sizes out of range: seqlen < 2^31, heads and batch <= 65535");
     CHECK_LAST_CONTIGUOUS(q); CHECK_LAST_CONTIGUOUS(k); CHECK_LAST_CONTIGUOUS(v);
@@ -57,12 +57,12 @@ at::Tensor mem_eff_attn_fwd_torch(at::Tensor q, at::Tensor k, at::Tensor v, doub
     const auto *props = at::cuda::getCurrentDeviceProperties();
     const int sm = props->major * 10 + props->minor;
     const std::string cc = str(props->major) + "." + str(props->minor);
-    CHECK(sm >= 75, "the sdrun attention kernel needs a GPU of compute capability 7.5 or newer, this one is " + cc);
-    CHECK(dtype != at::kBFloat16 || sm >= 80, "bfloat16 needs compute capability 8.0 or newer, this GPU is " + cc +
+    CHECK_MSG(sm >= 75, "the sdrun attention kernel needs a GPU of compute capability 7.5 or newer, this one is " + cc);
+    CHECK_MSG(dtype != at::kBFloat16 || sm >= 80, "bfloat16 needs compute capability 8.0 or newer, this GPU is " + cc +
                                                   ": use float16");
     const int max_smem = static_cast<int>(props->sharedMemPerBlockOptin);
     const int smem = mem_eff_attn_smem_bytes(int(head_dim), dtype == at::kBFloat16, max_smem);
-    CHECK(smem <= max_smem, "head_dim " + str(head_dim) + " needs " + str(smem) +
+    CHECK_MSG(smem <= max_smem, "head_dim " + str(head_dim) + " needs " + str(smem) +
                                 " bytes of shared memory per block, this GPU allows " + str(max_smem));
 
     at::Tensor out;

@@ -9,12 +9,12 @@
 namespace sdrun {
 
 // Tile shapes: Traits<elem, head-dim bucket, kBlockM query rows, kBlockN keys, min CTAs per SM, K/V stages,
-// 16-row tiles per warp, packed exp2>. Chosen on an H200 (torch 2.11, CUDA 13.0) with `SDRUN_TUNE=1
+// 16-row tiles per warp>. Chosen on an H200 (torch 2.11, CUDA 13.0) with `SDRUN_TUNE=1
 // bench/attention.py --variants ...` (bench/dev_kernel.sh); TFLOP/s at (2,8,4096,4096,d) / (2,8,16384,16384,d)
 // unless noted. Every default fits the 99 KB of shared memory per block of sm_86/89/120.
 //   d=40: 128x64, 4 warps x 32 rows: 213 / 239. Losers: 128x128 same warps 208 / 231; 8 warps x 16 rows 177 / 202
 //         (182 / 204 with 1 K/V stage and FADD row sums); 64x64 x 16 rows 160 / 189; 256x64 x 32 rows 194 / 210;
-//         packed f16x2 exp2 209 / 232 (no gain: the MUFU is not the limit); softmax in two 32-key parts 202 / 222.
+//         exp2 on packed f16x2 (half the MUFU work) 209 / 232; softmax in two 32-key parts 202 / 222.
 //   d=64 (2,5,4096,4096): 64x64, 4 warps x 16 rows, 3 CTAs/SM: 232-235. Losers: the same at 2 CTAs/SM 188;
 //         128x64 x 16 rows 201; x 32 rows 184; 64x128 165-201.
 //   d=80 (2,8,1024,1024): 128x64, 4 warps x 32 rows: 150-156; 8 warps x 16 rows 146; 64x64 143; 128x128 111.
@@ -28,7 +28,7 @@ template <typename T, int kHeadDim> struct DefaultShape {
         std::conditional_t<(kHeadDim <= 192), Traits<T, kHeadDim, 64, 32, 1, 2, 1>,
                            Traits<T, kHeadDim, 64, 32, 1, 1, 1>>>>>>;  // d=256: 2 stages > 99 KB
 };
-// Long sequences, d <= 40: capping registers at 168 fits 3 CTAs per SM instead of 2 (12 warps, not 8): 246-250
+// Long sequences, d <= 40: capping registers at 168 fits 3 CTAs per SM instead of 2 (12 warps, not 8): 244-252
 // instead of 234-239 TFLOP/s at (2,8,16384..32400,40), but the bigger waves leave a worse tail on short grids
 // (184-195 instead of 213 at (2,8,4096,4096,40): 512 CTAs in 396 slots); run_sm80 weighs both.
 template <typename T, int kHeadDim> using LongShape = Traits<T, kHeadDim, 128, 64, 3, 2, 2>;
@@ -74,7 +74,6 @@ template <typename T, int kHeadDim> cudaError_t run_sm80(const MemEffAttnParams 
         case 4: return launch<Traits<T, kHeadDim, 64, 64, 4, 2, 1>>(p, stream);
         case 5: return launch<Traits<T, kHeadDim, 128, 64, 2, 2, 2>>(p, stream);
         case 6: return launch<Traits<T, kHeadDim, 128, 32, 3, 2, 2>>(p, stream);
-        case 7: return launch<Traits<T, kHeadDim, 128, 64, 1, 2, 2, true>>(p, stream);
         case 8: return launch<Traits<T, kHeadDim, 64, 128, 3, 2, 1>>(p, stream);
         default: break;
         }

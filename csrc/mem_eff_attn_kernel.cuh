@@ -61,11 +61,6 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void *
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
 }
 
-__device__ __forceinline__ void ldmatrix_x2_trans(uint32_t (&r)[2], const void *p) {  // lanes 0-15 give rows
-    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
-                 : "=r"(r[0]), "=r"(r[1]) : "r"(smem_addr(p)));
-}
-
 // d += A(16x16, row) * B(16x8, col), fp32 accumulators.
 template <typename T>
 __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
@@ -97,23 +92,6 @@ __device__ __forceinline__ float exp2_approx(float x) {  // MUFU.EX2; exp2(-inf)
     return y;
 }
 
-template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi);
-
-// (exp2(lo), exp2(hi)) as a packed pair of T, computed in 16 bits.
-template <typename T> __device__ __forceinline__ uint32_t exp2_packed(float lo, float hi) {
-    uint32_t x = pack2<T>(lo, hi), y;
-    if constexpr (std::is_same_v<T, __half>) {
-        asm("ex2.approx.f16x2 %0, %1;\n" : "=r"(y) : "r"(x));
-    } else {
-#if __CUDA_ARCH__ >= 900
-        asm("ex2.approx.ftz.bf16x2 %0, %1;\n" : "=r"(y) : "r"(x));
-#else
-        y = pack2<T>(exp2_approx(lo), exp2_approx(hi));
-#endif
-    }
-    return y;
-}
-
 template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi) {  // lo -> lower column
     if constexpr (std::is_same_v<T, __half>) {
         __half2 h = __floats2half2_rn(lo, hi);
@@ -134,8 +112,7 @@ __device__ __forceinline__ float quad_sum(float x) {
 }
 
 // ---------------------------------------------------------------- tile shapes
-template <typename T, int kHeadDim_, int kBlockM_, int kBlockN_, int kMinBlocks_ = 1, int kStages_ = 2, int kMTiles_ = 1,
-          bool kPackedExp_ = false>
+template <typename T, int kHeadDim_, int kBlockM_, int kBlockN_, int kMinBlocks_ = 1, int kStages_ = 2, int kMTiles_ = 1>
 struct Traits {
     using elem = T;
     static constexpr int kHeadDim = kHeadDim_;                   // output columns computed, multiple of 8
@@ -144,15 +121,10 @@ struct Traits {
     static constexpr int kMTiles = kMTiles_;  // 16-row tiles per warp: 2 halves the K/V ldmatrix per mma
     static constexpr int kWarpRows = 16 * kMTiles, kWarps = kBlockM / kWarpRows, kThreads = 32 * kWarps;
     static constexpr int kMinBlocks = kMinBlocks_;  // CTAs per SM the register budget must allow (__launch_bounds__)
-    // Packed exponentials: exp2 of two scores at once in 16-bit (ex2.approx.f16x2 / bf16x2), giving P straight in
-    // the mma's input type: half the MUFU work and no separate packing. Needs row sums from the mma (below).
-    static constexpr bool kPackedExp = kPackedExp_;
     static constexpr int kStages = kStages_;  // K/V buffers: 2 = tile j+1 loads while tile j computes
-    // Row sums on the tensor cores: a column of ones beside V makes P V also produce sum(P). When
-    // kHeadDim % 16 == 8 it sits in the 8 padding columns the last V ldmatrix reads anyway (free: no FADDs at
-    // all); otherwise in the row-pitch padding, one more ldmatrix.x2 and mma per 16 keys.
-    static constexpr bool kRowSumMma = kPackedExp || kHeadDim % 16 == 8;
-    static constexpr int kOnesCol = kHeadDim % 16 == 8 ? kHeadDim : kHeadDimK;
+    // Row sums on the tensor cores: when kHeadDim % 16 == 8 (SD's 40) the last V ldmatrix reads 8 padding columns
+    // anyway; a column of ones there makes P V also produce sum(P), with no FADDs at all.
+    static constexpr bool kRowSumMma = kHeadDim % 16 == 8;
     static constexpr int kStride = kHeadDimK + 8;  // smem row pitch: an odd number of 16 B units -> ldmatrix conflict-free
     static constexpr int kChunks = kHeadDimK / 8;  // 16-byte chunks per smem row
     static constexpr int kSmemBytes = (kBlockM + 2 * kStages * kBlockN) * kStride * int(sizeof(T));  // Q, K, V tiles
@@ -202,14 +174,14 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) mem_eff_attn_ker
 
     if constexpr (Tr::kRowSumMma) {  // V's first padding column = 1, the rest 0, in every stage (loads skip it)
         for (int r = threadIdx.x; r < Tr::kStages * kBlockN; r += Tr::kThreads)
-            *reinterpret_cast<uint4 *>(sV + r * kStride + Tr::kOnesCol) = make_uint4(pack2<T>(1.f, 0.f), 0, 0, 0);
+            *reinterpret_cast<uint4 *>(sV + r * kStride + Tr::kHeadDim) = make_uint4(pack2<T>(1.f, 0.f), 0, 0, 0);
     }
     // Key tiles are visited last to first (n = n_blocks - 1 - it): the partial one comes first.
     auto load_kv = [&](int it) {
         const int n = n_blocks - 1 - it, stage = it % Tr::kStages;
         load_tile<Tr, kBlockN>(sK + stage * kBlockN * kStride, k + int64_t(n) * kBlockN * p.k_row_stride,
                                p.k_row_stride, p.seqlen_k - n * kBlockN, p.head_dim);
-        load_tile<Tr, kBlockN, Tr::kOnesCol == Tr::kHeadDim>(sV + stage * kBlockN * kStride, v + int64_t(n) * kBlockN * p.v_row_stride,
+        load_tile<Tr, kBlockN, Tr::kRowSumMma>(sV + stage * kBlockN * kStride, v + int64_t(n) * kBlockN * p.v_row_stride,
                                                p.v_row_stride, p.seqlen_k - n * kBlockN, p.head_dim);
     };
     load_tile<Tr, kBlockM>(sQ, q, p.q_row_stride, p.seqlen_q - row0, p.head_dim);
@@ -283,14 +255,10 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) mem_eff_attn_ker
                 for (int d = 0; d < kAccTiles; ++d) o[mi][d][2 * r] *= corr, o[mi][d][2 * r + 1] *= corr;
 #pragma unroll
                 for (int j = 0; j < kBlockN / 8; ++j) {
-                    const float x0 = s[mi][j][2 * r] * sl2 - mx_scaled, x1 = s[mi][j][2 * r + 1] * sl2 - mx_scaled;
-                    if constexpr (Tr::kPackedExp) {
-                        pk[mi][j][r] = exp2_packed<T>(x0, x1);
-                    } else {
-                        const float p0 = exp2_approx(x0), p1 = exp2_approx(x1);  // one FFMA + one MUFU per score
-                        if constexpr (!Tr::kRowSumMma) l_run[mi][r] += p0 + p1;
-                        pk[mi][j][r] = pack2<T>(p0, p1);
-                    }
+                    const float p0 = exp2_approx(s[mi][j][2 * r] * sl2 - mx_scaled);  // one FFMA + one MUFU per score
+                    const float p1 = exp2_approx(s[mi][j][2 * r + 1] * sl2 - mx_scaled);
+                    if constexpr (!Tr::kRowSumMma) l_run[mi][r] += p0 + p1;
+                    pk[mi][j][r] = pack2<T>(p0, p1);
                 }
             }
 
@@ -304,20 +272,14 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks) mem_eff_attn_ker
                 a[mi][3] = pk[mi][2 * ks + 1][1];
             const T *vrow = sVt + (ks * 16 + (lane / 8 % 2) * 8 + lane % 8) * kStride;
 #pragma unroll
-            for (int dp = 0; dp < kAccTiles / 2; ++dp) {  // two output column tiles per ldmatrix
-                uint32_t vb[4];
+            for (int dp = 0; dp < (kAccTiles + 1) / 2; ++dp) {  // two output column tiles per ldmatrix
+                uint32_t vb[4];  // for an odd count the last pair reads 8 zero padding columns: 8 < kStride - kHeadDim
                 ldmatrix_x4_trans(vb, vrow + dp * 16 + (lane / 16) * 8);
 #pragma unroll
                 for (int mi = 0; mi < M; ++mi) {
                     mma_16816<T>(o[mi][2 * dp], a[mi], vb[0], vb[1]);
-                    mma_16816<T>(o[mi][2 * dp + 1], a[mi], vb[2], vb[3]);
+                    if (2 * dp + 1 < kAccTiles) mma_16816<T>(o[mi][2 * dp + 1], a[mi], vb[2], vb[3]);
                 }
-            }
-            if constexpr (kAccTiles % 2 == 1) {  // a last single tile (the ones column in the pitch padding)
-                uint32_t vb[2];
-                ldmatrix_x2_trans(vb, vrow + (kAccTiles - 1) * 8);
-#pragma unroll
-                for (int mi = 0; mi < M; ++mi) mma_16816<T>(o[mi][kAccTiles - 1], a[mi], vb[0], vb[1]);
             }
         }
         if (Tr::kStages == 1 && it + 1 < n_blocks) {
