@@ -10,7 +10,7 @@ namespace sdrun {
 
 // Tile shapes: Traits<elem, head-dim bucket, kBlockM query rows, kBlockN keys, min CTAs per SM, K/V stages,
 // 16-row tiles per warp>. Chosen on an H200 (torch 2.11, CUDA 13.0) with `SDRUN_TUNE=1
-// bench/attention.py --variants ...` (bench/dev_kernel.sh); TFLOP/s at (2,8,4096,4096,d) / (2,8,16384,16384,d)
+// bench/attention.py --variants ...` (bench/gpu.sh); TFLOP/s at (2,8,4096,4096,d) / (2,8,16384,16384,d)
 // unless noted. Every default fits the 99 KB of shared memory per block of sm_86/89/120.
 //   d=40: 128x64, 4 warps x 32 rows: 213 / 239. Losers: 128x128 same warps 208 / 231; 8 warps x 16 rows 177 / 202
 //         (182 / 204 with 1 K/V stage and FADD row sums); 64x64 x 16 rows 160 / 189; 256x64 x 32 rows 194 / 210;

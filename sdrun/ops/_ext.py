@@ -22,7 +22,7 @@ from sdrun.errors import KernelUnavailable
 
 JIT_NAME = "sdrun_attn_C"
 SOURCES = ("bindings.cpp", "mem_eff_attn.cu")
-JIT_SECONDS = 40  # measured: ~30 s for one architecture on a 16-core H200 machine (bench/dev_kernel.sh)
+JIT_SECONDS = 40  # measured: ~30 s for one architecture on a 16-core H200 machine (bench/gpu.sh)
 CFLAGS = ["-O3"]  # no -std: torch picks the C++ standard its headers need
 CUDA_CFLAGS = ["-O3", "-lineinfo"]
 

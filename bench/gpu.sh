@@ -1,7 +1,10 @@
 #!/bin/bash
-# One device call: JIT-build the kernel (tuning build with SDRUN_TUNE=1), run the GPU tests, self-test, benchmark;
-# with AOT=1 also build the extension ahead of time through setup.py (sm_90 only) and check it loads as prebuilt.
-# Usage on the device machine: [SDRUN_TUNE=1 VARIANTS=0,1,2 BENCH_ARGS=--check] bash bench/dev_kernel.sh [pytest args]
+# One device call: JIT-build the kernel (tuning build with SDRUN_TUNE=1), run the GPU tests, self-test, the
+# attention benchmark (ATTENTION=0 skips it) and the end-to-end flags benchmark (FLAGS=1 runs it); with AOT=1 also
+# build the extension ahead of time through setup.py (sm_90 only) and check it loads as prebuilt.
+# Usage on the device machine:
+#   [SDRUN_TUNE=1 VARIANTS=0,1,2 BENCH_ARGS=--check] bash bench/gpu.sh [pytest args, default: the kernel tests]
+#   ATTENTION=0 FLAGS=1 bash bench/gpu.sh -m cuda tests/       # every GPU test, then bench/flags.py
 set -o pipefail
 export PYTHONUNBUFFERED=1 SDRUN_CACHE=/tmp/sdrun-cache
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
@@ -14,10 +17,15 @@ fi
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu --format=csv | tee $OUT/gpu.txt
 ( time python3 -c "import sdrun.ops as o; o.load(); print(o.build_info())" ) 2>&1 | tee $OUT/build.log || exit 1
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  python3 -m pytest -q -p no:cacheprovider tests/test_attention_op.py "$@" 2>&1 | tee $OUT/tests.log | tail -8
+  python3 -m pytest -q -p no:cacheprovider ${@:-tests/test_attention_op.py} 2>&1 | tee $OUT/tests.log | tail -8
 fi
 python3 -c "import sdrun.ops as o; print(o.selftest())" 2>&1 | tee $OUT/selftest.log
-python3 bench/attention.py --variants ${VARIANTS:-0} ${BENCH_ARGS:-} 2>&1 | tee $OUT/bench.log
+if [ "${ATTENTION:-1}" = 1 ]; then
+  python3 bench/attention.py --variants ${VARIANTS:-0} ${BENCH_ARGS:-} 2>&1 | tee $OUT/bench.log
+fi
+if [ "${FLAGS:-0}" = 1 ]; then
+  python3 bench/flags.py ${FLAGS_ARGS:-} 2>&1 | grep -v '^\[transformers\]' | tee $OUT/flags.log
+fi
 if [ "${AOT:-0}" = 1 ]; then
   ( time SDRUN_CUDA_ARCHS=9.0 NVCC_THREADS=4 python3 setup.py -q build_ext --inplace ) > $OUT/aot.log 2>&1 || tail -20 $OUT/aot.log
   python3 -c "import sdrun.ops as o; print(o.selftest()); print(o.build_info())" 2>&1 | tee -a $OUT/aot.log
