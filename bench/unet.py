@@ -1,0 +1,63 @@
+"""One SD 1.5 UNet forward (batch 2: both guidance halves), fp16, with PyTorch SDPA attention beside sdrun's kernel.
+
+Separates the kernel's own speed from the per-call cost of the Python custom op: the third column calls the
+compiled op directly, without torch.library's dispatch. Random weights (configs/sd1); CUDA events, median of 20.
+
+    python bench/unet.py
+"""
+
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from diffusers import UNet2DConditionModel  # noqa: E402
+
+from sdrun import models, ops  # noqa: E402
+from sdrun.ops import _ext, processor  # noqa: E402
+
+
+def forward_ms(unet, size: int) -> float:
+    sample = torch.randn(2, 4, size // 8, size // 8, device="cuda", dtype=torch.float16)
+    context = torch.randn(2, 77, 768, device="cuda", dtype=torch.float16)
+    times = []
+    with torch.no_grad():
+        for i in range(25):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            unet(sample, 500, context)
+            end.record()
+            torch.cuda.synchronize()
+            if i >= 5:
+                times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(models.CONFIGS / "sd1" / "unet"))
+    unet = unet.half().eval()
+    ops.load()
+    sdpa = unet.attn_processors
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; ms per UNet forward (median of 20)")
+    print("| size | PyTorch SDPA | sdrun kernel (custom op) | sdrun kernel (direct call) |")
+    print("|---|---|---|---|")
+    direct = _ext.get(torch.device("cuda")).fwd
+    for size in (512, 1024):
+        unet.set_attn_processor(sdpa)
+        base = forward_ms(unet, size)
+        processor.install(unet)
+        custom = forward_ms(unet, size)
+        original = processor.memory_efficient_attention
+        processor.memory_efficient_attention = lambda q, k, v, scale: direct(q, k, v, scale)
+        raw = forward_ms(unet, size)
+        processor.memory_efficient_attention = original
+        print(f"| {size}x{size} | {base:.2f} | {custom:.2f} | {raw:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
