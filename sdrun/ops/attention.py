@@ -24,9 +24,13 @@ def maybe_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous() if x.stride(-1) != 1 else x
 
 
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    return _ext.get(q.device if q.is_cuda else None).fwd(maybe_contiguous(q), maybe_contiguous(k), maybe_contiguous(v), scale)
+
+
 @torch.library.custom_op("sdrun::mem_eff_attn", mutates_args=())
 def mem_eff_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    return _ext.get(q.device if q.is_cuda else None).fwd(maybe_contiguous(q), maybe_contiguous(k), maybe_contiguous(v), scale)
+    return _forward(q, k, v, scale)
 
 
 @mem_eff_attn.register_fake
@@ -40,4 +44,8 @@ def memory_efficient_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     """softmax(scale * q k^T) v in (batch, seqlen, heads, head_dim) layout; see the module docstring."""
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    return mem_eff_attn(q, k, v, float(scale))
+    if torch.compiler.is_compiling():
+        return mem_eff_attn(q, k, v, float(scale))  # traceable: the custom op and its fake implementation
+    # Eager: call the compiled op directly. torch.library's Python dispatch adds a fixed cost per call, which
+    # matters for SD's many small attention calls (bench/unet.py measures both ways).
+    return _forward(q, k, v, float(scale))
