@@ -130,6 +130,7 @@ def main() -> None:
     parser.add_argument("--folder", type=Path, help="where the random-weight model is saved [/tmp/sdrun-bench-FAMILY]")
     parser.add_argument("--size", type=int, default=512, help="the first table's image size")
     parser.add_argument("--skip-1024", action="store_true", help="leave out the 1024x1024 rows")
+    parser.add_argument("--only", help="keep sdrun rows whose flags include this one, plus --fp16 and the peers")
     args = parser.parse_args()
     steps, repeats = (10, 1) if args.quick else (args.steps, args.repeats)
     folder = args.folder or Path(f"/tmp/sdrun-bench-{args.family}")
@@ -143,6 +144,10 @@ def main() -> None:
     print("|---|---|---|---|---|")
     plan = [(args.size, row) for row in ROWS_512] + ([] if args.skip_1024 else [(1024, row) for row in ROWS_1024])
     for size, (label, flags, dtype) in plan:
+        if args.only and flags not in (None, ("fp16",)) and args.only not in flags:
+            continue
+        if args.only and flags is None and dtype == torch.float32:
+            continue
         try:
             if flags is None:
                 seconds, peak = diffusers_row(folder, dtype, size, steps, repeats)
