@@ -77,6 +77,15 @@ def cli():
       sdrun "test" --model tiny          # built-in random-weight model: noise, offline, seconds on a CPU
       sdrun info                         # versions, GPU, which flags work here
       sdrun replay outputs/42-a-red-fox-in-snow.png --set steps=50
+
+    \b
+    Environment:
+      SDRUN_MODEL           default for --model
+      SDRUN_DEBUG=1         full tracebacks; verbose kernel build
+      SDRUN_CACHE           where the compiled attention kernel is cached (~/.cache/sdrun)
+      SDRUN_SKIP_CUDA_BUILD=1, SDRUN_CUDA_ARCHS, NVCC_THREADS   ahead-of-time kernel build (setup.py)
+
+    Exit codes: 0 done, 1 could not start, 2 usage, 3 some items failed, 4 out of GPU memory, 130 interrupted.
     """
 
 

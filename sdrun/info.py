@@ -3,6 +3,7 @@
 The flag lines use the same `unavailable_reasons` the CLI checks before a run, so the two never disagree.
 """
 
+import os
 import platform
 
 import torch
@@ -10,6 +11,11 @@ from rich.console import Console
 from rich.table import Table
 
 from sdrun import backends, ops
+
+
+# Every environment variable sdrun reads; `sdrun info` shows those that are set (sdrun --help explains them).
+ENVIRONMENT = ("SDRUN_MODEL", "SDRUN_DEBUG", "SDRUN_CACHE", "SDRUN_SKIP_CUDA_BUILD", "SDRUN_CUDA_ARCHS", "NVCC_THREADS",
+               "SDRUN_TUNE")
 
 
 def rows(selftest: bool) -> list[tuple[str, str]]:
@@ -40,6 +46,9 @@ def rows(selftest: bool) -> list[tuple[str, str]]:
         table.append((f"kernel {key}", str(value)))
     if selftest:
         table.append(("kernel selftest", ops.selftest()))
+    for name in ENVIRONMENT:
+        if os.environ.get(name):
+            table.append((name, os.environ[name]))
     for backend in backends.BACKENDS:
         reasons = backend.unavailable_reasons(device)
         table.append((backend.flag, "usable" if not reasons else "unavailable: " + "; ".join(reasons)))

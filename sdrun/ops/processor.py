@@ -77,9 +77,12 @@ class SdrunAttnProcessor:
 class InstallReport:
     kernel_modules: int = 0
     left_on_sdpa: list[tuple[str, str]] = field(default_factory=list)  # (module name, reason)
+    cast_from_fp32: bool = False  # float32 modules run their attention in float16 (the kernel has no fp32 path)
 
     def summary(self) -> str:
         line = f"xformers: {self.kernel_modules} attention modules use the sdrun kernel"
+        if self.cast_from_fp32:
+            line += " (in float16: the model is float32 and the kernel has no float32 path; add --fp16)"
         if not self.left_on_sdpa:
             return line
         names = ", ".join(name for name, _ in self.left_on_sdpa)
@@ -123,6 +126,7 @@ def install(pipe, device: torch.device | str | None = None, compute_dtype: torch
             if reason is None:
                 mod.set_processor(processor)
                 report.kernel_modules += 1
+                report.cast_from_fp32 |= param.dtype == torch.float32
             else:
                 report.left_on_sdpa.append((full, reason))
     return report
