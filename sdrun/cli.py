@@ -7,11 +7,12 @@ This layer only turns options into a RunConfig and Jobs, and errors into one lin
     2    usage error: a bad option value or combination, a bad prompt file; nothing was loaded or written
     3    some items failed (bad prompt-file lines, NaN output, ...); the others were written
     4    out of GPU memory (some items, or the run); the message names flags that lower memory
-    130  interrupted (Ctrl-C); finished images are complete, the one in progress is absent
+    130  interrupted (Ctrl-C or SIGTERM); finished images are complete, the one in progress is absent
 """
 
 import dataclasses
 import os
+import signal
 import sys
 
 import click
@@ -234,4 +235,11 @@ def info(selftest):
 
 
 def main() -> None:
+    # A job scheduler or `timeout` stops a batch with SIGTERM: end it like Ctrl-C (finished images complete, the
+    # one in progress absent, the summary printed, exit 130) rather than dying mid-write.
+    signal.signal(signal.SIGTERM, _interrupt)
     cli.main()
+
+
+def _interrupt(_signum, _frame):
+    raise KeyboardInterrupt

@@ -232,8 +232,9 @@ def test_replay_refuses_an_image_without_sdrun_metadata(sdrun):
 
 
 @pytest.mark.slow
-def test_ctrl_c_leaves_complete_files_only_and_a_rerun_finishes_the_set(isolated):
-    """SIGINT a real process mid-batch: exit 130, a summary, no partial file; --skip-existing completes it."""
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_leaves_complete_files_only_and_a_rerun_finishes_the_set(isolated, stop):
+    """Interrupt a real process mid-batch: exit 130, a summary, no partial file; --skip-existing completes it."""
     total = 12
     Path("p.txt").write_text("\n".join(f"prompt number {i}" for i in range(total)))
     command = [sys.executable, "-m", "sdrun", "--prompt-file", "p.txt", "--model", "tiny", "--steps", "20",
@@ -242,7 +243,7 @@ def test_ctrl_c_leaves_complete_files_only_and_a_rerun_finishes_the_set(isolated
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     first = process.stdout.readline()  # the first finished image: generation is under way
     assert first.strip().endswith(".png"), process.stderr.read()
-    process.send_signal(signal.SIGINT)
+    process.send_signal(stop)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr
     assert f"done, 0 skipped, 0 failed of {total}" in stderr and "Traceback" not in stderr
