@@ -102,10 +102,7 @@ def diffusers_row(folder: Path, dtype, size: int, steps: int, repeats: int):
     def make():
         pipe(PROMPT, num_inference_steps=steps, width=size, height=size, generator=generator.manual_seed(0))
 
-    try:
-        return measure(make, repeats)
-    finally:
-        del pipe
+    return measure(make, repeats)
 
 
 def sdrun_row(folder: Path, flags, size: int, steps: int, repeats: int):
@@ -115,10 +112,7 @@ def sdrun_row(folder: Path, flags, size: int, steps: int, repeats: int):
     def make():
         pipeline.decode(engine, pipeline.denoise(engine, job, [0]))
 
-    try:
-        return measure(make, repeats)
-    finally:
-        del engine
+    return measure(make, repeats)
 
 
 def main() -> None:

@@ -67,10 +67,11 @@ def validate(job: Job) -> None:
         raise UsageError(f"guidance must be 0 or more, got {job.guidance} (7.5 is usual; 1 or less turns it off)")
     if job.scheduler is not None and job.scheduler not in SAMPLERS:
         raise UsageError(f"unknown scheduler {job.scheduler!r}: choose one of {', '.join(SAMPLERS)}")
-    if job.seed is not None and not 0 <= job.seed <= MAX_SEED:
-        raise UsageError(f"seed {job.seed} is out of range: use 0 to {MAX_SEED}")
     if job.num_images <= 0:
         raise UsageError(f"num_images must be at least 1, got {job.num_images}")
+    if job.seed is not None and not 0 <= job.seed <= MAX_SEED - (job.num_images - 1):
+        raise UsageError(f"seed {job.seed} is out of range for {job.num_images} image(s) (seeds count up from it): "
+                         f"use 0 to {MAX_SEED - (job.num_images - 1)}")
 
 
 def with_seed(job: Job) -> Job:

@@ -1,7 +1,6 @@
 """The command line on the tiny model: what users type, what they get, and every bad input (issue 2)."""
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -170,6 +169,7 @@ BAD_INPUTS = [
     (("--guidance", "-1"), 2, "guidance must be 0 or more"),
     (("--scheduler", "warp"), 2, "unknown scheduler 'warp'"),
     (("--seed", "-3"), 2, "out of range"),
+    (("--seed", "4294967295", "-n", "2"), 2, "use 0 to 4294967294"),
     (("-n", "0"), 2, "at least 1"),
     (("--batch-size", "0"), 2, "at least 1"),
     (("--steps", "many"), 2, "is not a valid integer"),

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from sd_layout import (clip_to_original, open_clip_to_original, pipeline_to_original, save_config_folder,
-                       tiny_model_folder, tiny_sdxl, unet_to_original, vae_to_original)
+                       tiny_model_folder, tiny_sdxl, unet_to_original, vae_to_original)  # noqa: F401 (fixture)
 from sdrun.errors import ModelError
 from sdrun.models import CONFIGS, build_tiny, detect_family, load_pipeline, resolve_model, tokenizer
 
