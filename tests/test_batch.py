@@ -266,3 +266,15 @@ def test_out_of_memory_outside_a_batch_item_is_one_line_and_exit_4(sdrun, monkey
     assert result.exit_code == 4 and "out of GPU memory" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not Path("later.png").exists()
     monkeypatch.setattr(pipeline, "_vae_decode", real)
+
+
+def test_the_model_loads_once_for_the_whole_batch(sdrun, monkeypatch):
+    from sdrun import models
+
+    loads = []
+    real = models.load_pipeline
+    monkeypatch.setattr(models, "load_pipeline", lambda *a, **k: loads.append(1) or real(*a, **k))
+    Path("p.txt").write_text("a fox\na whale\na heron\n")
+    result = sdrun("--prompt-file", "p.txt", *TINY, "--seed", "1", "-n", "2")
+    assert result.exit_code == 0 and len(result.stdout.splitlines()) == 6
+    assert len(loads) == 1
