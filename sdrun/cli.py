@@ -14,6 +14,7 @@ import dataclasses
 import os
 import signal
 import sys
+from pathlib import Path
 
 import click
 import torch
@@ -23,6 +24,7 @@ from sdrun.batch import plan_items, read_prompt_file, run_items
 from sdrun.config import DEFAULT_MODEL, DEFAULT_OUTPUT, Job, RunConfig, validate
 from sdrun.console import Reporter, stderr
 from sdrun.errors import OutOfMemory, SdrunError, UsageError
+from sdrun.output import read_metadata
 
 EXIT_INTERRUPTED = 130
 
@@ -183,10 +185,6 @@ def _generate(run_config: RunConfig, jobs, bad_lines) -> None:
 @common_options
 def replay(image, changes, output, device, quiet, overwrite, **options):
     """Make IMAGE again from its sdrun metadata: same model, seed, settings and flags."""
-    from pathlib import Path
-
-    from sdrun.output import read_metadata
-
     meta = read_metadata(Path(image))
     settings = {key: meta[key] for key in ("prompt", "negative_prompt", "seed", "steps", "guidance", "width",
                                            "height", "scheduler", "model")}
