@@ -85,7 +85,7 @@ def jit_cached(arch: str) -> bool:
 
 def _import_prebuilt():
     try:
-        from sdrun import _C  # noqa: the one import of the compiled module
+        from sdrun import _C  # the one import of the compiled module
 
         return _C
     except ImportError as e:
