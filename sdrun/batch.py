@@ -151,7 +151,7 @@ class Summary:
         return EXIT_SOME_FAILED if self.failed else 0
 
 
-def run_items(run: RunConfig, items: list[Item], bad_lines: list[BadLine], reporter) -> Summary:
+def run_items(run: RunConfig, items: list[Item], bad_lines: list[BadLine], reporter, planned=None) -> Summary:
     """Load the model once, then make every item. A failed item is reported and the run goes on, unless
     --fail-fast. Once generation has started, the summary is printed however the run ends, Ctrl-C included;
     a model that cannot load ends the run with that one error instead."""
@@ -165,7 +165,7 @@ def run_items(run: RunConfig, items: list[Item], bad_lines: list[BadLine], repor
             reporter.result({"status": "skipped", **_describe(item)})
         else:
             todo.append(item)
-    engine = pipeline.load(run, reporter) if todo else None
+    engine = pipeline.load(run, reporter, planned) if todo else None
     try:
         for chunk in _chunks(todo, run.batch_size):
             try:

@@ -170,9 +170,9 @@ def run(prompt, prompt_file, model, config_dir, output, batch_size, device, quie
 def _generate(run_config: RunConfig, jobs, bad_lines) -> None:
     from sdrun import pipeline
 
-    pipeline.plan(run_config)  # model source, device and flags are checked before anything is written
+    planned = pipeline.plan(run_config)  # model source, device and flags are checked before anything is written
     items = plan_items(jobs, run_config)
-    summary = run_items(run_config, items, bad_lines, Reporter(run_config.quiet, run_config.json_lines))
+    summary = run_items(run_config, items, bad_lines, Reporter(run_config.quiet, run_config.json_lines), planned)
     if summary.exit_code:
         sys.exit(summary.exit_code)
 

@@ -54,8 +54,9 @@ def plan(run: RunConfig):
     return source, device, chosen
 
 
-def load(run: RunConfig, reporter) -> Engine:
-    source, device, chosen = plan(run)
+def load(run: RunConfig, reporter, planned=None) -> Engine:
+    """Load the model with its backends applied; `planned` is plan(run)'s result when the caller has it already."""
+    source, device, chosen = planned or plan(run)
     for backend in chosen:
         backend.prepare(device)
     with reporter.status(f"Loading {run.model}"):
