@@ -5,7 +5,7 @@ torch with CUDA and nvcc are present in the build environment:
     pip install .                             # build isolation hides torch: pure Python, kernel built on first use
 
 Environment: SDRUN_SKIP_CUDA_BUILD=1 never builds; SDRUN_CUDA_ARCHS="8.0;9.0" picks architectures (default:
-7.5;8.0;8.6;8.9;9.0;12.0 plus PTX for 9.0); NVCC_THREADS passes -t to nvcc.
+7.5;8.0;8.6;8.9;9.0a;12.0 plus PTX for 9.0; 9.0a is Hopper's wgmma path); NVCC_THREADS passes -t to nvcc.
 """
 
 import json
@@ -19,7 +19,7 @@ from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
 VERSION = re.search(r'^__version__\s*=\s*"([^"]+)"', (ROOT / "sdrun" / "__init__.py").read_text(), re.M).group(1)
-DEFAULT_ARCHS = "7.5;8.0;8.6;8.9;9.0;12.0;9.0+PTX"
+DEFAULT_ARCHS = "7.5;8.0;8.6;8.9;9.0a;12.0;9.0+PTX"
 SOURCES = ["csrc/bindings.cpp", "csrc/mem_eff_attn.cu"]
 
 
@@ -41,12 +41,21 @@ def cuda_build_or_reason():
 
 
 def gencode_flags(archs: str) -> list[str]:
+    """nvcc -gencode flags: "8.0" a cubin, "9.0a" the arch-specific cubin (Hopper's wgmma path), "9.0+PTX" also PTX.
+
+    A cubin for X.Y is left out when X.Ya is listed too: one cubin per GPU, so the runtime cannot pick the plain one.
+    """
+    entries = [a.strip() for a in archs.split(";") if a.strip()]
+    specific = {a for a in entries if a.endswith("a")}
     flags = []
-    for arch in filter(None, (a.strip() for a in archs.split(";"))):
+    for arch in entries:
         num = arch.replace("+PTX", "").replace(".", "")
-        flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
+        if arch.replace("+PTX", "") + "a" not in specific:
+            flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
         if arch.endswith("+PTX"):
             flags.append(f"-gencode=arch=compute_{num},code=compute_{num}")
+    if "9.0a" in specific:
+        flags.append("-DSDRUN_SM90A")  # the host launcher may pick the wgmma kernel on compute capability 9.0
     return flags
 
 

@@ -1,7 +1,7 @@
 #!/bin/bash
 # One device call: JIT-build the kernel (tuning build with SDRUN_TUNE=1), run the GPU tests, self-test, the
 # attention benchmark (ATTENTION=0 skips it) and the end-to-end flags benchmark (FLAGS=1 runs it); with AOT=1 also
-# build the extension ahead of time through setup.py (sm_90 only) and check it loads as prebuilt.
+# build the extension ahead of time through setup.py (sm_90a only) and check it loads as prebuilt.
 # Usage on the device machine:
 #   [SDRUN_TUNE=1 VARIANTS=0,1,2 BENCH_ARGS=--check] bash bench/gpu.sh [pytest args, default: the kernel tests]
 #   ATTENTION=0 FLAGS=1 bash bench/gpu.sh -m cuda tests/       # every GPU test, then bench/flags.py
@@ -27,7 +27,7 @@ if [ "${FLAGS:-0}" = 1 ]; then
   python3 bench/flags.py ${FLAGS_ARGS:-} 2>&1 | grep -v '^\[transformers\]' | tee $OUT/flags.log
 fi
 if [ "${AOT:-0}" = 1 ]; then
-  ( time SDRUN_CUDA_ARCHS=9.0 NVCC_THREADS=4 python3 setup.py -q build_ext --inplace ) > $OUT/aot.log 2>&1 || tail -20 $OUT/aot.log
+  ( time SDRUN_CUDA_ARCHS=9.0a NVCC_THREADS=4 python3 setup.py -q build_ext --inplace ) > $OUT/aot.log 2>&1 || tail -20 $OUT/aot.log
   python3 -c "import sdrun.ops as o; print(o.selftest()); print(o.build_info())" 2>&1 | tee -a $OUT/aot.log
   grep real $OUT/aot.log
 fi

@@ -15,9 +15,14 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 sm80 = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0),
                           reason="bfloat16 needs sm80+")
 DTYPES = [torch.float16, pytest.param(torch.bfloat16, marks=sm80)]
+# Variant 9 forces the portable mma.sync path where the default is another one (sm_90: the wgmma kernel), so a
+# Hopper GPU checks both; elsewhere both variants run the same code.
+hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                            reason="variant 9 differs from the default only on compute capability 9.0")
+PATHS = [pytest.param(0, id="default"), pytest.param(9, id="portable", marks=hopper)]
 HEAD_DIMS = [8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 96, 112, 128, 144, 160, 192, 200, 224, 256]
-SEQLENS = [(1, 1), (1, 77), (77, 77), (97, 77), (113, 203), (256, 256), (1025, 77), (1025, 1025), (4096, 77),
-           (4097, 4097)]
+SEQLENS = [(1, 1), (1, 77), (77, 77), (97, 77), (97, 150), (113, 203), (256, 256), (1025, 77), (1025, 1025),
+           (4096, 77), (4097, 4097)]
 
 
 # ---------------------------------------------------------------------- CPU (any machine)
@@ -64,16 +69,16 @@ def rand(*shape, dtype):
     return torch.randn(*shape, device="cuda", dtype=dtype)
 
 
-def run_poisoned(q, k, v, scale=None):
+def run_poisoned(q, k, v, scale=None, variant=0):
     """Calls the binding with a NaN-filled output buffer, so an element the kernel does not write shows up."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     out = torch.full(q.shape, float("nan"), device=q.device, dtype=q.dtype)
-    _ext.get().fwd_out(q, k, v, scale, out)
+    _ext.get().fwd_out(q, k, v, scale, out, variant)
     return out
 
 
-def check(q, k, v, scale=None):
-    out = run_poisoned(q, k, v, scale)
+def check(q, k, v, scale=None, variant=0):
+    out = run_poisoned(q, k, v, scale, variant)
     ref = reference_attention(q, k, v, scale)
     pt = reference_attention(q, k, v, scale, upcast=False, reorder_ops=True)
     err, err_pt = (out - ref).abs().max().item(), (pt - ref).abs().max().item()
@@ -95,9 +100,11 @@ def kernel():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("d", HEAD_DIMS)
 @pytest.mark.parametrize("nq,nk", SEQLENS)
-def test_matches_reference(kernel, nq, nk, d, dtype):
+@pytest.mark.parametrize("variant", PATHS)
+def test_matches_reference(kernel, nq, nk, d, dtype, variant):
     torch.manual_seed(nq * 1000 + nk + d)
-    check(rand(2, nq, 3, d, dtype=dtype), rand(2, nk, 3, d, dtype=dtype), rand(2, nk, 3, d, dtype=dtype))
+    check(rand(2, nq, 3, d, dtype=dtype), rand(2, nk, 3, d, dtype=dtype), rand(2, nk, 3, d, dtype=dtype),
+          variant=variant)
 
 
 @pytest.mark.cuda
@@ -106,25 +113,30 @@ def test_matches_reference(kernel, nq, nk, d, dtype):
 @pytest.mark.parametrize("b,h,n,nk,d", [(2, 8, 4096, 4096, 40), (2, 8, 4096, 77, 40), (2, 8, 1024, 1024, 80),
                                         (2, 8, 1024, 77, 80), (2, 8, 256, 256, 160), (2, 8, 256, 77, 160),
                                         (2, 5, 4096, 4096, 64), (2, 10, 1024, 77, 64), (1, 2, 16384, 16384, 40),
-                                        (2, 8, 8192, 8192, 40)])  # the last takes the LongShape path
-def test_sd_shapes(kernel, b, h, n, nk, d, dtype):
+                                        (2, 8, 8192, 8192, 40)])  # the last: LongShape on the portable path
+@pytest.mark.parametrize("variant", PATHS)
+def test_sd_shapes(kernel, b, h, n, nk, d, dtype, variant):
     torch.manual_seed(n + nk + d)
-    check(rand(b, n, h, d, dtype=dtype), rand(b, nk, h, d, dtype=dtype), rand(b, nk, h, d, dtype=dtype))
+    check(rand(b, n, h, d, dtype=dtype), rand(b, nk, h, d, dtype=dtype), rand(b, nk, h, d, dtype=dtype),
+          variant=variant)
 
 
 @pytest.mark.cuda
 @cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("d", [40, 64, 80, 160])
-def test_strided_inputs(kernel, d, dtype):
+@pytest.mark.parametrize("variant", PATHS)
+def test_strided_inputs(kernel, d, dtype, variant):
     """q, k, v sliced from a packed (B, N, 3, H, D) projection and a (B, H, N, D) transposed tensor."""
     torch.manual_seed(d)
     qkv = rand(2, 1025, 3, 4, d, dtype=dtype)
     q, k, v = qkv.unbind(2)
-    check(q, k, v)
+    check(q, k, v, variant=variant)
     kt = rand(2, 4, 97, d, dtype=dtype).transpose(1, 2)  # (B, N, H, D) view of (B, H, N, D)
     vt = rand(2, 4, 97, d + 8, dtype=dtype)[..., :d].transpose(1, 2)
-    check(q, kt, vt)
+    check(q, kt, vt, variant=variant)
+    ke = rand(2, 150, 1, d, dtype=dtype).expand(2, 150, 4, d)  # one key head for all four: head stride 0
+    check(q, ke, ke, variant=variant)
     out = ops.memory_efficient_attention(q, kt, vt)  # the public path too
     torch.testing.assert_close(out, run_poisoned(q, kt, vt), atol=0, rtol=0)
 
@@ -140,11 +152,12 @@ def test_custom_scale_and_large_values(kernel, dtype):
 
 @pytest.mark.cuda
 @cuda
-@pytest.mark.parametrize("d", [40, 80, 256])
-def test_deterministic(kernel, d):
+@pytest.mark.parametrize("d", [40, 64, 80, 256])
+@pytest.mark.parametrize("variant", PATHS)
+def test_deterministic(kernel, d, variant):
     torch.manual_seed(d)
     q, k, v = (rand(2, 2049, 8, d, dtype=torch.float16) for _ in range(3))
-    a, b = ops.memory_efficient_attention(q, k, v), ops.memory_efficient_attention(q, k, v)
+    a, b = run_poisoned(q, k, v, variant=variant), run_poisoned(q, k, v, variant=variant)
     assert torch.equal(a, b)
 
 

@@ -12,14 +12,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-ARCHS = ["75", "80", "86", "89", "90", "120"]  # sm_75: fp16 only (bf16 mma is guarded out by __CUDA_ARCH__)
+ARCHS = ["75", "80", "86", "89", "90a", "120"]  # sm_75: fp16 only (bf16 mma guarded out); 90a: the wgmma path
 
 nvcc = shutil.which("nvcc")
 
 
 @pytest.mark.skipif(nvcc is None, reason="nvcc is not on PATH")
 def test_kernel_sources_compile_for_all_archs(tmp_path):
-    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS] + ["-gencode=arch=compute_90,code=compute_90"]
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS] + ["-gencode=arch=compute_90,code=compute_90",
+                                                                                "-DSDRUN_SM90A"]
     cmd = [nvcc, "-std=c++17", "-O3", "-t", str(min(len(ARCHS) + 1, os.cpu_count() or 2)), *gencode,
            "-I", str(ROOT / "csrc"), "-c", str(ROOT / "csrc" / "mem_eff_attn.cu"), "-o", str(tmp_path / "mea.o")]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
@@ -29,6 +30,7 @@ def test_kernel_sources_compile_for_all_archs(tmp_path):
 
 
 def test_kernel_files_include_no_torch_headers():
-    for name in ("mem_eff_attn.h", "mem_eff_attn_kernel.cuh", "mem_eff_attn.cu", "static_switch.h"):
+    for name in ("mem_eff_attn.h", "mem_eff_attn_kernel.cuh", "mem_eff_attn_sm90.cuh", "mem_eff_attn_sm90_ptx.cuh",
+                 "mem_eff_attn.cu", "static_switch.h"):
         includes = [line for line in (ROOT / "csrc" / name).read_text().splitlines() if line.startswith("#include")]
         assert not any(s in line for line in includes for s in ("torch", "ATen", "c10")), (name, includes)

@@ -100,6 +100,9 @@ def build_info() -> dict:
         elif not _ext.loaded() and pre is not None:
             info["status"] = "prebuilt (not loaded yet)"
         info["jit_cache"] = str(_ext.cache_dir(arch))
+        hopper = arch == "90" and (pre is None or "9.0a" in str(pre.get("archs", "")))  # the JIT build adds sm_90a
+        info["path"] = ("wgmma + TMA (sm_90a) for head_dim 40, 64, 80 with more than 128 keys; mma.sync otherwise"
+                        if hopper else "mma.sync")
     info["archs"] = pre.get("archs") if pre else (info.get("gpu_arch") if _ext.how_loaded().startswith("jit") else None)
     info["nvcc"] = _ext.nvcc_path()
     info["sources"] = str(_ext.source_dir()) if _ext.source_dir() else None

@@ -115,8 +115,11 @@ def _jit_build(device: torch.device | None):
             flush=True,
         )
     flags = CUDA_CFLAGS + (["-DSDRUN_TUNE"] if os.environ.get("SDRUN_TUNE") == "1" else [])
+    arch_list = f"{arch[:-1]}.{arch[-1]}"
+    if arch == "90":  # Hopper: the sm_90a target carries the wgmma kernel (csrc/mem_eff_attn_sm90.cuh)
+        arch_list, flags = "9.0a", flags + ["-DSDRUN_SM90A"]
     old_arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST")
-    os.environ["TORCH_CUDA_ARCH_LIST"] = f"{arch[:-1]}.{arch[-1]}"
+    os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
     t0 = time.perf_counter()
     try:
         mod = cpp_extension.load(
