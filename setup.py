@@ -4,7 +4,7 @@ torch with CUDA and nvcc are present in the build environment:
     pip install --no-build-isolation .        # with a CUDA torch already installed: builds sdrun._C
     pip install .                             # build isolation hides torch: pure Python, kernel built on first use
 
-Environment: SDRUN_SKIP_CUDA_BUILD=1 never builds; SDRUN_CUDA_ARCHS="8.0;9.0" picks architectures (default:
+Environment: SDRUN_SKIP_CUDA_BUILD=1 never builds; SDRUN_CUDA_ARCHS="8.0;9.0a" picks architectures (default:
 7.5;8.0;8.6;8.9;9.0a;12.0 plus PTX for 9.0; 9.0a is Hopper's wgmma path); NVCC_THREADS passes -t to nvcc.
 """
 
