@@ -40,8 +40,11 @@ struct Sm90Traits {
     static constexpr int kHeadDimPad = 64 * kAtoms;              // P V output columns: the wgmma N
     static constexpr int kComputeWGs = kComputeWGs_, kBlockM = 64 * kComputeWGs, kBlockN = kBlockN_;
     static constexpr int kThreads = 128 * (kComputeWGs + 1);  // compute warpgroups, then the loader warpgroup
-    // setmaxnreg: the loader keeps 24 registers per thread, the compute warpgroups share the rest of the 64 K.
-    static constexpr int kComputeRegs = (65536 - 128 * 24) / (128 * kComputeWGs) / 8 * 8;
+    // setmaxnreg: the kernel starts with kEntryRegs per thread (64 K registers over kThreads, in steps of 8); the
+    // loader drops to 24 and the compute warpgroups take only what it frees: asking for more waits forever.
+    // 2 compute warpgroups: 168 -> 240 registers; 3: 128 -> 160 (a 4th would get 112, and deadlocked at 120).
+    static constexpr int kEntryRegs = 65536 / kThreads / 8 * 8;
+    static constexpr int kComputeRegs = (kEntryRegs + (kEntryRegs - 24) / kComputeWGs) / 8 * 8;
     static constexpr bool kPingPong = kPingPong_;  // compute warpgroups take turns issuing their products
     static constexpr int kQAtomBytes = kBlockM * 128, kKVAtomBytes = kBlockN * 128;
     static constexpr int kQBytes = kAtoms * kQAtomBytes, kKVBytes = kAtoms * kKVAtomBytes;  // one of K or V
