@@ -58,7 +58,7 @@ struct Sm90Traits {
     static_assert(kStages >= 3, "buffers: the compute warpgroups hold two (tile j - 1's V, tile j)");
 };
 
-// The TMA boxes: q (64 columns x 128 rows), k and v (64 x kBlockN), each over (head_dim, seqlen, heads, batch).
+// The TMA boxes: q (64 columns x kBlockM rows), k and v (64 x kBlockN), each over (head_dim, seqlen, heads, batch).
 struct Sm90TensorMaps {
     CUtensorMap q, k, v;
 };
@@ -106,7 +106,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
                 tma_load_4d(v_addr + st * Tr::kKVBytes + a * Tr::kKVAtomBytes, &tm.v, full_bar + 8 * st, 64 * a, key0, h, b);
             }
         }
-    } else {  // ------------------------------------------------------- compute warpgroups 0, 1
+    } else {  // ------------------------------------------------------- compute warpgroups
         setmaxnreg_inc<Tr::kComputeRegs>();
         const int c = tid / 128, warp = warp_id % 4, lane = tid % 32, g = lane / 4, t = lane % 4;
         const float sl2 = p.scale_log2;
