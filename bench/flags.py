@@ -31,6 +31,7 @@ from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 from sdrun import models, pipeline  # noqa: E402
 from sdrun.config import Job, RunConfig  # noqa: E402
 from sdrun.console import Reporter  # noqa: E402
+from sdrun.render.stages import render  # noqa: E402
 
 PROMPT = "an astronaut riding a horse on mars, detailed, 8k"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -106,11 +107,14 @@ def diffusers_row(folder: Path, dtype, size: int, steps: int, repeats: int):
 
 
 def sdrun_row(folder: Path, flags, size: int, steps: int, repeats: int):
-    engine = pipeline.load(RunConfig(model=str(folder), flags=flags), Reporter(quiet=True))
-    job = Job(prompt=PROMPT, steps=steps, width=size, height=size)
+    run = RunConfig(model=str(folder), flags=flags)
+    job = Job(prompt=PROMPT, steps=steps, width=size, height=size, seed=0)
+    planned = pipeline.plan_run(run, [job])
+    engine = pipeline.load(planned.run, Reporter(quiet=True), planned.setup)
+    planned.refit(engine)
 
     def make():
-        pipeline.decode(engine, pipeline.denoise(engine, job, [0]))
+        render(engine, planned[job], job, [0])
 
     return measure(make, repeats)
 

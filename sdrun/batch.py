@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from sdrun import output, pipeline
-from sdrun.config import OVERRIDABLE, Job, RunConfig, validate, with_seed
+from sdrun import backends, output, pipeline
+from sdrun.config import Job, RunConfig, job_from_mapping, job_record, validate, with_seed
 from sdrun.errors import OutOfMemory, OutputError, SdrunError, UsageError
+from sdrun.render.stages import DecodeNotes, DecodeOutOfMemory, Hooks, render
 from sdrun.schedulers import SAMPLERS
 
 EXIT_SOME_FAILED = 3
@@ -77,26 +78,12 @@ def _first_content(lines: list[str]) -> str:
 def _job_from_json(line: str, defaults: Job) -> Job:
     try:
         data = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise UsageError(f"not valid JSON ({error.msg}): write one object per line, e.g. {{\"prompt\": \"a cat\"}}")
+    except (json.JSONDecodeError, RecursionError) as error:
+        reason = error.msg if isinstance(error, json.JSONDecodeError) else "nested too deeply"
+        raise UsageError(f"not valid JSON ({reason}): write one object per line, e.g. {{\"prompt\": \"a cat\"}}")
     if not isinstance(data, dict) or "prompt" not in data:
         raise UsageError('each line needs an object with a "prompt" key, e.g. {"prompt": "a cat", "seed": 1}')
-    unknown = sorted(set(data) - set(OVERRIDABLE))
-    if unknown:
-        raise UsageError(f"unknown key {unknown[0]!r}: allowed keys are {', '.join(OVERRIDABLE)}")
-    for key, value in data.items():
-        expected = _json_type(key)
-        if not isinstance(value, expected) or isinstance(value, bool):
-            raise UsageError(f"{key!r} must be {'a number' if expected is not str else 'a string'}, got {value!r}")
-    return replace(defaults, **data)
-
-
-def _json_type(key: str):
-    if key in ("prompt", "negative_prompt", "scheduler", "output"):
-        return str
-    if key == "guidance":
-        return (int, float)
-    return int
+    return job_from_mapping(data, defaults)
 
 
 # ---------------------------------------------------------------------------------------------- planning
@@ -151,10 +138,10 @@ class Summary:
         return EXIT_SOME_FAILED if self.failed else 0
 
 
-def run_items(run: RunConfig, items: list[Item], bad_lines: list[BadLine], reporter, planned=None) -> Summary:
-    """Load the model once, then make every item. A failed item is reported and the run goes on, unless
-    --fail-fast. Once generation has started, the summary is printed however the run ends, Ctrl-C included;
-    a model that cannot load ends the run with that one error instead."""
+def run_items(run: RunConfig, items: list[Item], bad_lines: list[BadLine], reporter, planned) -> Summary:
+    """Load the model once, then make every item with its job's render plan (`planned[job]`). A failed item is
+    reported and the run goes on, unless --fail-fast. Once generation has started, the summary is printed however
+    the run ends, Ctrl-C included; a model that cannot load ends the run with that one error instead."""
     summary = Summary(total=len(items) + len(bad_lines))
     for bad in bad_lines:
         _fail(summary, reporter, {"line": bad.line}, f"line {bad.line}: {bad.message}")
@@ -165,11 +152,13 @@ def run_items(run: RunConfig, items: list[Item], bad_lines: list[BadLine], repor
             reporter.result({"status": "skipped", **_describe(item)})
         else:
             todo.append(item)
-    engine = pipeline.load(run, reporter, planned) if todo else None
+    engine = pipeline.load(run, reporter, planned.setup) if todo else None
+    if engine is not None:
+        planned.refit(engine)
     try:
         for chunk in _chunks(todo, run.batch_size):
             try:
-                _make(engine, run, chunk, summary, reporter)
+                _make(engine, run, planned[chunk[0].job], chunk, summary, reporter)
             except (SdrunError, torch.OutOfMemoryError) as error:
                 oom = isinstance(error, (OutOfMemory, torch.OutOfMemoryError))
                 message = str(error) if not isinstance(error, torch.OutOfMemoryError) else _denoise_oom(engine, run)
@@ -196,32 +185,29 @@ def _chunks(items: list[Item], batch_size: int):
         yield chunk
 
 
-def _make(engine, run: RunConfig, chunk: list[Item], summary: Summary, reporter) -> None:
+def _make(engine, run: RunConfig, plan, chunk: list[Item], summary: Summary, reporter) -> None:
+    """Render one chunk and save its images; only bookkeeping here (render() knows nothing of files)."""
     job = chunk[0].job
-    seeds = [item.seed for item in chunk]
-    pipeline.reset_peak_memory(engine.device)
-    with pipeline.Timer() as timer:
-        with reporter.steps(job.steps, f"image {chunk[0].index + 1}" + (f"-{chunk[-1].index + 1}" if len(chunk) > 1 else "")) as on_step:
-            latents = pipeline.denoise(engine, job, seeds, on_step)
-        notes = pipeline.DecodeNotes()
+    total_steps = sum(stage.calls for stage in plan.stages if stage.name == "denoise")
+
+    def keep_latents(latents: torch.Tensor) -> None:
+        for i, item in enumerate(chunk):
+            save_latents(latents[i : i + 1], latents_path(item.path), metadata(engine, run, plan, item, DecodeNotes()))
+        reporter.note(f"sdrun: out of memory while decoding; latents saved next to {chunk[0].path.name}, "
+                      "retrying in VAE tiles")
+
+    label = f"image {chunk[0].index + 1}" + (f"-{chunk[-1].index + 1}" if len(chunk) > 1 else "")
+    with pipeline.Timer() as timer, reporter.steps(total_steps, label) as on_step:
         try:
-            images, notes = pipeline.decode(engine, latents, notes)
-        except torch.OutOfMemoryError:
-            for i, item in enumerate(chunk):
-                save_latents(latents[i : i + 1], latents_path(item.path), metadata(engine, run, item, notes))
-            if engine.device.type == "cuda":
-                torch.cuda.empty_cache()
-            reporter.note(f"sdrun: out of memory while decoding; latents saved next to {chunk[0].path.name}, "
-                          "retrying with VAE tiling")
-            try:
-                images, notes = pipeline.decode_tiled(engine, latents, notes)
-            except torch.OutOfMemoryError:
-                raise OutOfMemory(f"out of GPU memory decoding even with VAE tiling; the latents are saved: decode "
-                                  f"them later with `sdrun decode {latents_path(chunk[0].path)} --cpu-offload`")
-    peak = pipeline.peak_memory_gb(engine.device)
-    for item, image in zip(chunk, images):
-        meta = metadata(engine, run, item, notes)
-        if notes.tiled_retry:
+            rendered = render(engine, plan, job, [item.seed for item in chunk], Hooks(on_step, keep_latents))
+        except DecodeOutOfMemory:
+            raise OutOfMemory(f"out of GPU memory decoding even in VAE tiles; the latents are saved: decode them "
+                              f"later with `sdrun decode {latents_path(chunk[0].path)} --cpu-offload`") from None
+    peak = max(rendered.stage_peaks) if rendered.stage_peaks else None
+    for item, image in zip(chunk, rendered.images):
+        meta = metadata(engine, run, plan, item, rendered.notes)
+        meta["render"]["measured_peak_gib"] = rendered.stage_peaks
+        if rendered.notes.tiled_retry:
             meta["latents_file"] = str(latents_path(item.path))
         output.save_png(image, item.path, meta, overwrite=run.overwrite or run.skip_existing)
         summary.done += 1
@@ -245,19 +231,20 @@ def _fail(summary: Summary, reporter, record: dict, message: str, oom: bool = Fa
 
 
 def _denoise_oom(engine, run: RunConfig) -> str:
-    """Name the flags that would lower memory for this run, the ones not already on."""
-    remedies = [flag for flag in ("fp16", "xformers", "model_offload", "cpu_offload") if flag not in engine.flags]
-    if "model_offload" in engine.flags:
-        remedies.remove("cpu_offload")  # already offloading whole models; sequential offload conflicts
-    advice = ", ".join("--" + flag.replace("_", "-") for flag in remedies)
+    """Name what would lower memory for this run, from the backends' declared effects, the ones not already on."""
+    remedies = [b for b in backends.lowering("denoise", engine.flags) + backends.lowering("weights", engine.flags)]
+    if "model_offload" in engine.flags:  # already offloading whole models; sequential offload conflicts with it
+        remedies = [b for b in remedies if b.name != "cpu_offload"]
+    advice = ", ".join(dict.fromkeys(b.flag for b in remedies))
+    advice = "--max-vram GB (sdrun picks the settings)" + (f", {advice}" if advice else "")
     if run.batch_size > 1:
-        advice += (", " if advice else "") + "a smaller --batch-size"
-    return "out of GPU memory while denoising: " + (f"try {advice}, or a smaller size" if advice else "use a smaller size")
+        advice += ", a smaller --batch-size"
+    return f"out of GPU memory while denoising: try {advice}, or a smaller size"
 
 
 # ---------------------------------------------------------------------------------------------- metadata
 
-def metadata(engine, run: RunConfig, item: Item, notes: pipeline.DecodeNotes) -> dict:
+def metadata(engine, run: RunConfig, plan, item: Item, notes: DecodeNotes) -> dict:
     """Every setting needed to make this image again (`sdrun replay`), and how it was made."""
     import diffusers
     import transformers
@@ -265,14 +252,13 @@ def metadata(engine, run: RunConfig, item: Item, notes: pipeline.DecodeNotes) ->
     import sdrun
 
     job = item.job
-    width, height = pipeline.size_of(engine, job)
+    width, height = plan.stages[0].width, plan.stages[0].height  # the base size; --hires is recorded as asked
     scheduler = pipeline.scheduler_name(engine, job.scheduler)
+    record = job_record(job)
+    del record["output"], record["num_images"]
     return {
-        "prompt": job.prompt,
-        "negative_prompt": job.negative_prompt,
+        **record,
         "seed": item.seed,
-        "steps": job.steps,
-        "guidance": job.guidance,
         "width": width,
         "height": height,
         "scheduler": scheduler,
@@ -282,8 +268,11 @@ def metadata(engine, run: RunConfig, item: Item, notes: pipeline.DecodeNotes) ->
         "model_family": engine.family,
         "config_dir": engine.config_dir,
         "flags": list(engine.flags),
+        "backend_options": dict(run.backend_options),
+        "max_vram": run.max_vram,
         "device": engine.device.type,
         "batch_size": run.batch_size,
+        "render": plan.record(),
         "decode": {"vae_fp32": notes.vae_fp32, "nan_retry": notes.nan_retry, "tiled_retry": notes.tiled_retry},
         "versions": {"sdrun": sdrun.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
                      "transformers": transformers.__version__},

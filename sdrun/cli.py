@@ -1,4 +1,4 @@
-"""The command line: `sdrun PROMPT` (the default command, `run`), `sdrun info`, `sdrun replay`, `sdrun decode`.
+"""The command line: `sdrun PROMPT` (the default command, `run`), `sdrun plan`, `info`, `replay`, `decode`.
 
 This layer only turns options into a RunConfig and Jobs, and errors into one line and an exit code:
 
@@ -8,6 +8,9 @@ This layer only turns options into a RunConfig and Jobs, and errors into one lin
     3    some items failed (bad prompt-file lines, NaN output, ...); the others were written
     4    out of GPU memory (some items, or the run); the message names flags that lower memory
     130  interrupted (Ctrl-C or SIGTERM); finished images are complete, the one in progress is absent
+
+It imports no torch, diffusers or transformers: `--help`, `--version` and usage errors answer at once; the
+commands import what they need when they run.
 """
 
 import dataclasses
@@ -17,16 +20,15 @@ import sys
 from pathlib import Path
 
 import click
-import torch
 
 from sdrun import __version__, backends
-from sdrun.batch import plan_items, read_prompt_file, run_items
-from sdrun.config import DEFAULT_MODEL, DEFAULT_OUTPUT, Job, RunConfig, validate
-from sdrun.console import Reporter, stderr
+from sdrun.config import (BY_NAME, DEFAULT_MODEL, DEFAULT_OUTPUT, FIELDS, REPLAY_KEYS, Job, RunConfig, validate,
+                          with_seed)
 from sdrun.errors import OutOfMemory, SdrunError, UsageError
-from sdrun.output import read_metadata
 
 EXIT_INTERRUPTED = 130
+OOM_ADVICE = "out of GPU memory: add --max-vram GB (sdrun picks the settings), --vae-tiling or --model-offload, " \
+             "or use a smaller size"
 
 
 class SdrunGroup(click.Group):
@@ -43,7 +45,7 @@ class SdrunGroup(click.Group):
         try:
             return super().main(args, prog_name or "sdrun", standalone_mode=False)
         except (click.exceptions.Abort, KeyboardInterrupt):
-            stderr.print("sdrun: interrupted", style="red")
+            _stderr().print("sdrun: interrupted", style="red")
             sys.exit(EXIT_INTERRUPTED)
         except click.ClickException as error:
             if debug:
@@ -55,18 +57,30 @@ class SdrunGroup(click.Group):
                 raise
             _error_line(str(error))
             sys.exit(error.exit_code)
-        except torch.OutOfMemoryError:
-            if debug:
+        except Exception as error:
+            torch = sys.modules.get("torch")
+            if debug or torch is None or not isinstance(error, torch.OutOfMemoryError):
                 raise
-            _error_line("out of GPU memory: add --vae-tiling, --model-offload or --cpu-offload, or use a smaller size")
+            _error_line(OOM_ADVICE)
             sys.exit(OutOfMemory.exit_code)
 
 
+def _stderr():
+    from sdrun.console import stderr
+
+    return stderr
+
+
 def _error_line(message: str) -> None:
-    stderr.print(f"sdrun: error: {message}", style="red", markup=False, soft_wrap=True)
+    _stderr().print(f"sdrun: error: {message}", style="red", markup=False, soft_wrap=True)
 
 
-@click.group(cls=SdrunGroup, context_settings={"help_option_names": ["-h", "--help"]})
+def _memory_flags_help() -> str:
+    return "\n".join(f"  {backend.flag:<18}{backend.help.split('. ')[0].rstrip('.')}" for backend in backends.BACKENDS)
+
+
+@click.group(cls=SdrunGroup, context_settings={"help_option_names": ["-h", "--help"]},
+             epilog="\b\nMemory and speed flags (sdrun run --help has their costs and options):\n" + _memory_flags_help())
 @click.version_option(__version__, prog_name="sdrun")
 def cli():
     """Stable Diffusion text-to-image, made for small GPUs and big batches.
@@ -76,7 +90,9 @@ def cli():
       sdrun "astronaut on mars" --xformers --fp16
       sdrun "a red fox in snow" -n 4 --seed 42 -o foxes/
       sdrun --prompt-file prompts.jsonl --skip-existing --json > log.jsonl
-      sdrun "city at night" -W 3840 -H 2160 --fp16 --xformers --vae-tiling
+      sdrun "mountain lake at dawn" --hires 3840x2160 --fp16 --xformers   # a coherent 4K image
+      sdrun "city at night" -W 3840 -H 2160 --fp16 --max-vram 4           # fits a 4 GB card
+      sdrun plan "city at night" -W 3840 -H 2160 --max-vram 4             # what it would do, no weights loaded
       sdrun "test" --model tiny          # built-in random-weight model: noise, offline, seconds on a CPU
       sdrun info                         # versions, GPU, which flags work here
       sdrun replay outputs/42-a-red-fox-in-snow.png --set steps=50
@@ -92,13 +108,37 @@ def cli():
     """
 
 
+class FieldValue(click.ParamType):
+    """A job field on the command line, parsed and checked by the field itself (config.FIELDS)."""
+
+    def __init__(self, field):
+        self.field = field
+        self.name = {"int": "INTEGER", "float": "FLOAT", "size": "WxH", "path": "FILE"}.get(field.kind, "TEXT")
+
+    def convert(self, value, param, ctx):
+        """The field's own one-line UsageError, not click's "Invalid value for ..." around it."""
+        return self.field.parse_text(value) if isinstance(value, str) else value
+
+
+def job_options(fn):
+    """One option per job field (config.FIELDS), so the command line, prompt files and replay never drift."""
+    for field in reversed([f for f in FIELDS if f.options]):
+        fn = click.option(*field.options, field.name, type=FieldValue(field), default=field.default,
+                          show_default=field.default is not None and field.kind != "text", help=field.help)(fn)
+    return fn
+
+
 def memory_options(fn):
-    """One flag per backend, generated from the registry so help text and backends never drift."""
+    """One flag per backend, and each backend's own options, generated from the registry."""
     for backend in reversed(backends.BACKENDS):
-        names = [backend.flag]
-        if backend.name == "xformers":
-            names.append("--mem-efficient-attention")
+        for option in reversed(backend.options):
+            fn = click.option(option.flag, option.name, type=click.IntRange(min=option.minimum),
+                              help=option.help)(fn)
+        names = [backend.flag] + (["--mem-efficient-attention"] if backend.name == "xformers" else [])
         fn = click.option(*names, backend.name, is_flag=True, help=backend.help)(fn)
+    fn = click.option("--max-vram", type=click.FloatRange(min=0, min_open=True), metavar="GB",
+                      help="Stay under this much GPU memory (the allocator's limit): sdrun picks the settings that "
+                      "fit and says which on stderr; a budget no setting reaches is refused before loading.")(fn)
     return fn
 
 
@@ -113,66 +153,106 @@ def common_options(fn):
     return memory_options(fn)
 
 
-def _flags(options: dict) -> tuple[str, ...]:
-    return tuple(backend.name for backend in backends.BACKENDS if options.pop(backend.name, False))
+def run_options(fn):
+    for option in reversed([
+        click.argument("prompt", required=False),
+        click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True, envvar="SDRUN_MODEL",
+                     show_envvar=True, help="A Hub id, a diffusers folder, a .safetensors/.ckpt file, or 'tiny' "
+                     "(built in; its images are noise)."),
+        click.option("--config", "config_dir", type=click.Path(), help="Diffusers config folder for a single-file "
+                     "checkpoint (overrides the family detected from its keys)."),
+        click.option("--prompt-file", help="Prompts to make: .txt (one per line) or .jsonl (objects with per-item "
+                     "overrides); - reads stdin."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Images per denoiser pass (more memory)."),
+        click.option("-o", "--output", default=DEFAULT_OUTPUT, show_default=True,
+                     help="A .png file, a folder (ending in /), or a template with {seed} {index} {prompt}."),
+        click.option("--skip-existing", is_flag=True, help="Skip images whose file exists: rerun a batch to finish it."),
+        click.option("--fail-fast", is_flag=True, help="Stop at the first failed item instead of going on."),
+        click.option("--json", "json_lines", is_flag=True,
+                     help="One JSON object per image (done, skipped, failed) on stdout."),
+    ]):
+        fn = option(fn)
+    return job_options(common_options(fn))
+
+
+def _run_config(options: dict, **fixed) -> RunConfig:
+    """Pop the run-wide options (flags, backend options, --max-vram) out of `options` into a RunConfig."""
+    flags = tuple(backend.name for backend in backends.BACKENDS if options.pop(backend.name, False))
+    backend_options = {}
+    for backend in backends.BACKENDS:
+        for option in backend.options:
+            value = options.pop(option.name, None)
+            if value is not None:
+                if backend.name not in flags:
+                    raise UsageError(f"{option.flag} needs {backend.flag}: add {backend.flag}, or drop {option.flag}")
+                backend_options[option.name] = value
+    return RunConfig(flags=flags, backend_options=backend_options, max_vram=options.pop("max_vram", None), **fixed)
+
+
+def _jobs(prompt, prompt_file, fail_fast: bool, options: dict):
+    """The jobs of a run: PROMPT, or every line of --prompt-file with PROMPT's options as defaults."""
+    if prompt_file and prompt:
+        raise UsageError("give either a PROMPT or --prompt-file, not both")
+    job = Job(prompt=prompt or "", **options)
+    if not prompt_file:
+        validate(job)
+        return [(None, job)], []
+    from sdrun.batch import read_prompt_file
+
+    validate(dataclasses.replace(job, prompt="x"))
+    jobs, bad_lines = read_prompt_file(prompt_file, job)
+    if bad_lines and fail_fast:
+        first = bad_lines[0]
+        raise UsageError(f"{prompt_file} line {first.line}: {first.message}")
+    return jobs, bad_lines
 
 
 @cli.command()
-@click.argument("prompt", required=False)
-@click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True, envvar="SDRUN_MODEL", show_envvar=True,
-              help="A Hub id, a diffusers folder, a .safetensors/.ckpt file, or 'tiny' (built in; its images are noise).")
-@click.option("--config", "config_dir", type=click.Path(), help="Diffusers config folder for a single-file checkpoint "
-              "(overrides the family detected from its keys).")
-@click.option("--prompt-file", help="Prompts to make: .txt (one per line) or .jsonl (objects with per-item "
-              "overrides); - reads stdin.")
-@click.option("--negative-prompt", default="", help="What to steer away from.")
-@click.option("-W", "--width", type=int, help="Image width, a multiple of 8  [default: the model's, e.g. 512].")
-@click.option("-H", "--height", type=int, help="Image height, a multiple of 8  [default: the model's].")
-@click.option("--steps", type=int, default=30, show_default=True, help="Denoising steps.")
-@click.option("--guidance", type=float, default=7.5, show_default=True, help="Classifier-free guidance scale.")
-@click.option("--scheduler", help="Sampler: ddim, pndm, euler, euler-a, dpm++2m, dpm++2m-karras, unipc, lms "
-              "[default: the model's own].")
-@click.option("--seed", type=int, help="Seed of the first image; image k gets seed+k. Random (and recorded) if omitted.")
-@click.option("-n", "--num-images", type=int, default=1, show_default=True, help="Images per prompt.")
-@click.option("--batch-size", type=int, default=1, show_default=True, help="Images per denoiser pass (more memory).")
-@click.option("-o", "--output", default=DEFAULT_OUTPUT, show_default=True,
-              help="A .png file, a folder (ending in /), or a template with {seed} {index} {prompt}.")
-@click.option("--skip-existing", is_flag=True, help="Skip images whose file exists: rerun a batch to finish it.")
-@click.option("--fail-fast", is_flag=True, help="Stop at the first failed item instead of going on.")
-@click.option("--json", "json_lines", is_flag=True, help="One JSON object per image (done, skipped, failed) on stdout.")
-@common_options
+@run_options
+@click.option("--dry-run", is_flag=True, help="Print the render plan (stages, predicted peak memory) and stop; "
+              "no weights are loaded.")
 def run(prompt, prompt_file, model, config_dir, output, batch_size, device, quiet, overwrite, skip_existing,
-        fail_fast, json_lines, **options):
+        fail_fast, json_lines, dry_run, **options):
     """Make images from PROMPT (or from --prompt-file). This is the default command."""
-    flags = _flags(options)
-    job = Job(prompt=prompt or "", **options)
-    if batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
     if overwrite and skip_existing:
         raise UsageError("--overwrite and --skip-existing contradict each other: choose one")
-    if prompt_file and prompt:
-        raise UsageError("give either a PROMPT or --prompt-file, not both")
-    run_config = RunConfig(model=model, config_dir=config_dir, device=device, flags=flags, output=output,
-                           batch_size=batch_size, overwrite=overwrite, skip_existing=skip_existing,
-                           fail_fast=fail_fast, quiet=quiet, json_lines=json_lines)
-    if prompt_file:
-        validate(dataclasses.replace(job, prompt="x"))
-        jobs, bad_lines = read_prompt_file(prompt_file, job)
-        if bad_lines and fail_fast:
-            first = bad_lines[0]
-            raise UsageError(f"{prompt_file} line {first.line}: {first.message}")
-    else:
-        validate(job)
-        jobs, bad_lines = [(None, job)], []
-    _generate(run_config, jobs, bad_lines)
+    run_config = _run_config(options, model=model, config_dir=config_dir, device=device, output=output,
+                             batch_size=batch_size, overwrite=overwrite, skip_existing=skip_existing,
+                             fail_fast=fail_fast, quiet=quiet, json_lines=json_lines)
+    jobs, bad_lines = _jobs(prompt, prompt_file, fail_fast, options)
+    _generate(run_config, jobs, bad_lines, dry_run)
 
 
-def _generate(run_config: RunConfig, jobs, bad_lines) -> None:
+@cli.command("plan")
+@run_options
+def plan_command(prompt, prompt_file, model, config_dir, output, batch_size, device, quiet, overwrite,
+                 skip_existing, fail_fast, json_lines, **options):
+    """Print what `sdrun PROMPT [options]` would do, without loading weights: its stages, the predicted peak GPU
+    memory of each, and with --max-vram the settings that fit. `--device cuda` predicts a CUDA GPU's plan on any
+    machine."""
+    run_config = _run_config(options, model=model, config_dir=config_dir, device=device, output=output,
+                             batch_size=batch_size, quiet=quiet, json_lines=json_lines)
+    jobs, bad_lines = _jobs(prompt, prompt_file, fail_fast, options)
+    _generate(run_config, jobs, bad_lines, dry_run=True, predict_only=True)
+
+
+def _generate(run_config: RunConfig, jobs, bad_lines, dry_run: bool = False, predict_only: bool = False) -> None:
     from sdrun import pipeline
+    from sdrun.batch import plan_items, run_items
+    from sdrun.console import Reporter
 
-    planned = pipeline.plan(run_config)  # model source, device and flags are checked before anything is written
-    items = plan_items(jobs, run_config)
-    summary = run_items(run_config, items, bad_lines, Reporter(run_config.quiet, run_config.json_lines), planned)
+    reporter = Reporter(run_config.quiet, run_config.json_lines)
+    jobs = [(line, with_seed(job)) for line, job in jobs]  # random seeds drawn once, planned and recorded
+    planned = pipeline.plan_run(run_config, [job for _, job in jobs], predict_only)  # before anything is written
+    if planned.added:
+        reporter.note(planned.added_note())
+    if dry_run:
+        for line in planned.describe():
+            click.echo(line)
+        return
+    items = plan_items(jobs, planned.run)
+    summary = run_items(planned.run, items, bad_lines, reporter, planned)
     if summary.exit_code:
         sys.exit(summary.exit_code)
 
@@ -180,35 +260,35 @@ def _generate(run_config: RunConfig, jobs, bad_lines) -> None:
 @cli.command()
 @click.argument("image", type=click.Path(dir_okay=False))
 @click.option("--set", "changes", multiple=True, metavar="KEY=VALUE",
-              help="Change one setting (prompt, negative_prompt, seed, steps, guidance, width, height, scheduler, model).")
+              help=f"Change one setting ({', '.join(REPLAY_KEYS)}, model).")
 @click.option("-o", "--output", help="Where to write  [default: IMAGE-replay.png beside IMAGE].")
 @common_options
 def replay(image, changes, output, device, quiet, overwrite, **options):
     """Make IMAGE again from its sdrun metadata: same model, seed, settings and flags."""
+    from sdrun.config import job_from_mapping
+    from sdrun.output import read_metadata
+
     meta = read_metadata(Path(image))
-    settings = {key: meta[key] for key in ("prompt", "negative_prompt", "seed", "steps", "guidance", "width",
-                                           "height", "scheduler", "model")}
+    job = job_from_mapping({key: meta[key] for key in REPLAY_KEYS if key in meta}, Job(prompt="", num_images=1))
+    model = meta["model"]
     for change in changes:
         key, sep, value = change.partition("=")
-        if not sep or key not in settings:
-            raise UsageError(f"--set {change!r}: use KEY=VALUE with KEY one of {', '.join(settings)}")
-        settings[key] = _convert(key, value, settings[key])
-    model = settings.pop("model")
-    flags = tuple(dict.fromkeys(meta["flags"] + list(_flags(options))))
-    job = Job(num_images=1, **settings)
+        if sep and key == "model":
+            model = value
+        elif sep and key in REPLAY_KEYS:
+            job = dataclasses.replace(job, **{key: BY_NAME[key].parse_text(value)})
+        else:
+            raise UsageError(f"--set {change!r}: use KEY=VALUE with KEY one of {', '.join(REPLAY_KEYS)}, model")
     validate(job)
+    given = _run_config(options)
+    flags = tuple(dict.fromkeys(meta["flags"] + list(given.flags)))
     target = output or str(Path(image).with_name(Path(image).stem + "-replay.png"))
     run_config = RunConfig(model=model, config_dir=meta.get("config_dir"), device=device, flags=flags,
-                           output=target, batch_size=meta.get("batch_size", 1), overwrite=overwrite, quiet=quiet,
+                           backend_options={**meta.get("backend_options", {}), **given.backend_options},
+                           max_vram=given.max_vram or meta.get("max_vram"), output=target,
+                           batch_size=meta.get("batch_size", 1), overwrite=overwrite, quiet=quiet,
                            extra={"replayed_from": str(image)})
     _generate(run_config, [(None, job)], [])
-
-
-def _convert(key: str, value: str, current):
-    try:
-        return type(current)(value) if current is not None else (int(value) if key in ("width", "height") else value)
-    except ValueError:
-        raise UsageError(f"--set {key}={value!r}: {key} must be a {type(current).__name__}")
 
 
 @cli.command()
@@ -219,7 +299,9 @@ def decode(latents, output, device, quiet, overwrite, **options):
     """Decode a LATENTS file (.latents.safetensors) that a run saved when it ran out of memory while decoding."""
     from sdrun.decode import decode_file
 
-    decode_file(latents, output, device=device, quiet=quiet, overwrite=overwrite, flags=_flags(options))
+    given = _run_config(options)
+    decode_file(latents, output, device=device, quiet=quiet, overwrite=overwrite, flags=given.flags,
+                backend_options=given.backend_options)
 
 
 @cli.command()

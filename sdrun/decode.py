@@ -11,13 +11,15 @@ from safetensors import SafetensorError, safe_open
 
 from sdrun import output, pipeline
 from sdrun.config import RunConfig
+from sdrun.render.stages import DecodeNotes, decode_latents
 from sdrun.console import Reporter
 from sdrun.errors import OutputError, UsageError
 
 SUFFIX = ".latents.safetensors"
 
 
-def decode_file(path: str, target: str | None, device: str, quiet: bool, overwrite: bool, flags: tuple) -> Path:
+def decode_file(path: str, target: str | None, device: str, quiet: bool, overwrite: bool, flags: tuple,
+                backend_options: dict) -> Path:
     latents, meta = read_latents(Path(path))
     image_path = Path(target) if target else Path(path[: -len(SUFFIX)] + ".png")
     if image_path.exists() and not overwrite:
@@ -25,8 +27,12 @@ def decode_file(path: str, target: str | None, device: str, quiet: bool, overwri
     output.ensure_writable(image_path.parent)
     run = RunConfig(model=meta["model"], config_dir=meta.get("config_dir"), device=device, flags=flags, quiet=quiet)
     reporter = Reporter(quiet)
-    engine = pipeline.load(run, reporter)
-    images, notes = pipeline.decode(engine, latents.to(engine.pipe.unet.dtype))
+    engine = pipeline.load(run, reporter, pipeline.check_run(run))
+    tiles = (backend_options.get("tile_size") or 512, backend_options.get("tile_overlap") or 64) \
+        if "vae_tiling" in flags else None
+    notes = DecodeNotes()
+    pixels = decode_latents(engine, latents.to(engine.device, engine.pipe.unet.dtype), tiles, notes)
+    images = engine.pipe.image_processor.postprocess(pixels.float(), output_type="pil")
     meta["decode"] = {"vae_fp32": notes.vae_fp32, "nan_retry": notes.nan_retry, "tiled_retry": False}
     meta["decoded_from"] = str(path)
     meta["decode_flags"] = list(engine.flags)

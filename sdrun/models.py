@@ -151,6 +151,34 @@ def _load_pretrained(source: ModelSource, torch_dtype: torch.dtype) -> Diffusion
     return pipe
 
 
+def file_family(source: ModelSource) -> str:
+    """The family of a single checkpoint file, read from its keys and shapes (or its --config folder)."""
+    if source.config_dir is not None:
+        return _family_of_config(source.config_dir)
+    shapes, global_step = read_checkpoint_shapes(source.path)
+    if not any(key.startswith(UNET_PREFIX) for key in shapes):
+        raise _not_a_checkpoint(source.path)
+    return detect_family(shapes, global_step)
+
+
+def geometry(folder: Path) -> tuple[int, int]:
+    """(native image side, image pixels per latent pixel) from a diffusers folder's UNet and VAE configs."""
+    def read(name: str) -> dict:
+        try:
+            return json.loads((folder / name).read_text())
+        except (OSError, ValueError):
+            return {}
+
+    vae_scale = 2 ** (len(read("vae/config.json").get("block_out_channels", [0, 0, 0, 0])) - 1)
+    sample = read("unet/config.json").get("sample_size", 64)
+    return (sample if isinstance(sample, int) else sample[0]) * vae_scale, vae_scale
+
+
+def folder_family(folder: Path) -> str:
+    """The family of a diffusers folder, from its JSON configs."""
+    return _family_of_config(folder)
+
+
 def _family_of_pipeline(pipe: DiffusionPipeline) -> str:
     return _family(isinstance(pipe, StableDiffusionXLPipeline), pipe.unet.config.cross_attention_dim,
                    pipe.scheduler.config.get("prediction_type"))

@@ -74,10 +74,14 @@ def a1111_parameters(meta: dict) -> str:
     lines = [meta["prompt"]]
     if meta["negative_prompt"]:
         lines.append(f"Negative prompt: {meta['negative_prompt']}")
-    lines.append(
-        f"Steps: {meta['steps']}, Sampler: {meta['sampler']}, CFG scale: {meta['guidance']}, Seed: {meta['seed']}, "
-        f"Size: {meta['width']}x{meta['height']}, Model: {meta['model_name']}, Version: sdrun {meta['versions']['sdrun']}"
-    )
+    fields = (f"Steps: {meta['steps']}, Sampler: {meta['sampler']}, CFG scale: {meta['guidance']}, Seed: {meta['seed']}, "
+              f"Size: {meta['width']}x{meta['height']}, Model: {meta['model_name']}")
+    if meta.get("init_image") and meta.get("strength", 1) < 1:
+        fields += f", Denoising strength: {meta['strength']}"
+    if meta.get("hires"):
+        fields += (f", Hires resize: {meta['hires']}, Hires steps: {meta.get('hires_steps') or meta['steps']}, "
+                   f"Hires upscaler: Bicubic, Denoising strength: {meta['hires_strength']}")
+    lines.append(f"{fields}, Version: sdrun {meta['versions']['sdrun']}")
     return "\n".join(lines)
 
 

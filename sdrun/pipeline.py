@@ -1,21 +1,22 @@
-"""The main path: load the model once with its backends, denoise a batch of seeds, decode, and check the result.
+"""Loading: the model once per run, with its backends applied, into an Engine that the render stages use.
 
-    engine = load(run, reporter)                          # resolve device, check flags, load, apply backends
-    latents = denoise(engine, job, seeds, on_step)        # text -> latents, one CPU generator per seed
-    images, notes = decode(engine, latents)               # latents -> PIL images, NaN-safe
-Saving and batch bookkeeping live in batch.py; this file knows nothing about files or prompt lists.
+    planned = plan_run(run, jobs)          # source, device, backends checked; a render plan per job; no weights
+    engine = load(planned.run, reporter, planned.setup)   # weights loaded, backends applied, on the device
+    planned.refit(engine)                  # a model its configs did not describe (a Hub id, SD 2 v or epsilon)
+
+The render itself (stages, denoising loop, decode) is in sdrun/render/; files and prompt lists in batch.py.
 """
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
-from diffusers.utils.torch_utils import get_module_execution_device
 
 from sdrun import backends, models
 from sdrun.config import RunConfig
-from sdrun.errors import SdrunError, UsageError
-from sdrun.schedulers import make_scheduler, name_of
+from sdrun.errors import UsageError
+from sdrun.render.images import image_size
+from sdrun.render.plan import ESCALATION, ModelInfo, RenderPlan, make_plan
 
 
 @dataclass
@@ -37,6 +38,15 @@ class Engine:
         return side, side
 
 
+@dataclass(frozen=True)
+class RunSetup:
+    """What check_run found: where the model is, where it runs, and the backends in application order."""
+
+    source: models.ModelSource
+    device: torch.device
+    chosen: tuple  # Backend objects
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -45,18 +55,101 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def plan(run: RunConfig):
-    """Everything that can be checked before loading: the model source, the device, the backends."""
+def check_run(run: RunConfig, predict_only: bool = False) -> RunSetup:
+    """Everything that can be checked before loading: the model source, the device, the backends. With
+    `predict_only` (`sdrun plan --device cuda`) the device and flags are taken as given, for a plan of what a
+    CUDA GPU would do, on any machine."""
     source = models.resolve_model(run.model, run.config_dir)
-    device = resolve_device(run.device)
     chosen = backends.select(run.flags)
+    if predict_only:
+        return RunSetup(source, torch.device("cuda" if run.device == "cuda" else resolve_device(run.device)), chosen)
+    device = resolve_device(run.device)
     backends.check(chosen, device)
-    return source, device, chosen
+    if run.max_vram is not None and device.type != "cuda":
+        raise UsageError("--max-vram limits GPU memory, but this run is on the CPU: drop --max-vram, or run where "
+                         "torch sees a CUDA GPU (`sdrun plan --device cuda --max-vram GB` predicts it anywhere)")
+    return RunSetup(source, device, chosen)
 
 
-def load(run: RunConfig, reporter, planned=None) -> Engine:
-    """Load the model with its backends applied; `planned` is plan(run)'s result when the caller has it already."""
-    source, device, chosen = planned or plan(run)
+def model_info(source: models.ModelSource) -> ModelInfo:
+    """Family and geometry of the model behind `source`, from its configs or checkpoint header; no weights are
+    loaded. A Hub id that is not on disk is assumed to be SD 1.x (the plan says so); loading corrects it."""
+    if source.kind == "hub":
+        return ModelInfo("sd1", *models.geometry(models.CONFIGS / "sd1"), assumed=True)
+    if source.kind == "tiny":
+        family, folder = "tiny", models.CONFIGS / "tiny"
+    elif source.kind == "file":
+        family = models.file_family(source)
+        folder = source.config_dir or models.CONFIGS / family
+    else:
+        family, folder = models.folder_family(source.path), source.path
+    return ModelInfo(family, *models.geometry(folder))
+
+
+@dataclass
+class RunPlans:
+    """The checked setup of a run and the render plan of each of its jobs."""
+
+    run: RunConfig  # with the backends --max-vram added, if any
+    setup: RunSetup
+    info: ModelInfo
+    plans: dict  # Job -> RenderPlan
+    added: tuple[str, ...] = ()  # ESCALATION names --max-vram added
+
+    def __getitem__(self, job) -> RenderPlan:
+        return self.plans[job]
+
+    def refit(self, engine: Engine) -> None:
+        """Plan again if the loaded model is not what its configs said (a Hub id, SD 2 v or epsilon)."""
+        info = ModelInfo(engine.family, engine.native_size[0], engine.pipe.vae_scale_factor)
+        if info != self.info:
+            self.info = info
+            self.plans = _plan_jobs(self.run, self.setup, info, list(self.plans))
+
+    def describe(self) -> list[str]:
+        lines = []
+        for job, plan in self.plans.items():
+            lines += [f"plan for {job.prompt!r}:"] + plan.describe()
+        if self.info.assumed:
+            lines.append(f"({self.run.model} is not on this machine: its family was assumed to be SD 1.x)")
+        return lines
+
+    def added_note(self) -> str:
+        said = dict(ESCALATION)
+        peak = max(plan.peak_gib for plan in self.plans.values())
+        return (f"sdrun: --max-vram {self.run.max_vram:g} added " + "; ".join(
+            ("--" + name.replace("_", "-") + ": " if name != "exact" else "") + said[name] for name in self.added)
+            + f" (predicted peak {peak:.2f} GiB)")
+
+
+def plan_run(run: RunConfig, jobs: list, predict_only: bool = False) -> RunPlans:
+    """Check the run and plan every job, before any weights load. With --max-vram, the backends the plans add
+    (fp16, tiling, offload) become the run's, since the model loads once with one set of them."""
+    setup = check_run(run, predict_only)
+    info = model_info(setup.source)
+    jobs = list(dict.fromkeys(jobs))
+    plans = _plan_jobs(run, setup, info, jobs)
+    added_flags = [name for name in backends.ordered({f for plan in plans.values() for f in plan.flags})
+                   if name not in run.flags]
+    exact = any(plan.chunked_feed_forward for plan in plans.values())
+    if added_flags:
+        run = replace(run, flags=backends.ordered(run.flags + tuple(added_flags)))
+        setup = check_run(run, predict_only)
+        plans = _plan_jobs(run, setup, info, jobs)
+    added = (("exact",) if exact and run.max_vram is not None else ()) + tuple(added_flags)
+    return RunPlans(run, setup, info, plans, added)
+
+
+def _plan_jobs(run: RunConfig, setup: RunSetup, info: ModelInfo, jobs: list) -> dict:
+    budget = run.max_vram if run.max_vram is not None else device_memory_gib(setup.device)
+    return {job: make_plan(run, job, info, setup.device.type,
+                           image_size(job.init_image) if job.init_image else None, budget, backends.ordered)
+            for job in jobs}
+
+
+def load(run: RunConfig, reporter, setup: RunSetup) -> Engine:
+    """Load the model with its backends applied."""
+    source, device, chosen = setup.source, setup.device, setup.chosen
     for backend in chosen:
         backend.prepare(device)
     with reporter.status(f"Loading {run.model}"):
@@ -74,109 +167,9 @@ def load(run: RunConfig, reporter, planned=None) -> Engine:
 
 
 def scheduler_name(engine: Engine, requested: str | None) -> str:
+    from sdrun.schedulers import name_of
+
     return requested or name_of(engine.base_scheduler)
-
-
-def denoise(engine: Engine, job, seeds: list[int], on_step=None) -> torch.Tensor:
-    """Run the text encoder and the denoising loop for one image per seed; return the final latents.
-
-    Each image gets its own CPU generator, so image k is the same whether it is made alone or in a batch, and
-    the same on any GPU (the starting noise is drawn on the CPU).
-    """
-    pipe = engine.pipe
-    pipe.scheduler = make_scheduler(job.scheduler, engine.base_scheduler.config) if job.scheduler else engine.base_scheduler
-    width, height = size_of(engine, job)
-
-    def step_end(_pipe, step, _timestep, kwargs):
-        if on_step is not None:
-            on_step(step + 1)
-        return kwargs
-
-    return pipe(
-        prompt=job.prompt,
-        negative_prompt=job.negative_prompt or None,
-        num_inference_steps=job.steps,
-        guidance_scale=job.guidance,
-        width=width,
-        height=height,
-        num_images_per_prompt=len(seeds),
-        generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
-        output_type="latent",
-        callback_on_step_end=step_end,
-    ).images
-
-
-def size_of(engine: Engine, job) -> tuple[int, int]:
-    native_w, native_h = engine.native_size
-    return job.width or native_w, job.height or native_h
-
-
-@dataclass
-class DecodeNotes:
-    """How a decode went, for the image metadata."""
-
-    vae_fp32: bool = False  # decoded in float32 although the model is fp16 (SDXL's VAE, or a NaN retry)
-    nan_retry: bool = False  # the first decode gave NaN or a black image and was redone in float32
-    tiled_retry: bool = False  # the first decode ran out of memory and was redone with VAE tiling
-
-
-class DecodeFailed(SdrunError):
-    """The VAE gave NaN even in float32."""
-
-
-def decode(engine: Engine, latents: torch.Tensor, notes: DecodeNotes | None = None):
-    """Latents -> PIL images. NaN or all-black output (the SDXL fp16 VAE overflow) is decoded again in fp32."""
-    notes = notes or DecodeNotes()
-    if not torch.isfinite(latents).all():
-        raise DecodeFailed("the denoiser produced NaN/inf latents (often fp16 overflow): run again without --fp16")
-    vae = engine.pipe.vae
-    # SDXL's VAE overflows in fp16 (its config says force_upcast); SD 1.x/2.x VAEs carry the same flag by default
-    # but decode fine in fp16, and diffusers' own SD pipeline ignores it there: upcasting them cost 0.75 GiB of
-    # peak memory at 512x512 and 2.5 GiB at 1024x1024 on an H200 (bench/flags.py). A NaN still triggers fp32 below.
-    fp32 = vae.dtype == torch.float16 and engine.family == "sdxl" and bool(getattr(vae.config, "force_upcast", False))
-    image = _vae_decode(vae, latents, fp32)
-    if not torch.isfinite(image).all() or bool((image <= -1).all()):
-        notes.nan_retry = True
-        fp32 = True
-        image = _vae_decode(vae, latents, fp32)
-        if not torch.isfinite(image).all():
-            raise DecodeFailed("the VAE produced NaN even in float32: the model's VAE weights are likely broken")
-    notes.vae_fp32 = fp32 and vae.dtype != torch.float32
-    return engine.pipe.image_processor.postprocess(image.float(), output_type="pil"), notes
-
-
-def _vae_decode(vae, latents: torch.Tensor, fp32: bool) -> torch.Tensor:
-    """Undo the latent scaling and decode, temporarily in float32 if asked."""
-    dtype = vae.dtype
-    if fp32:
-        vae.to(dtype=torch.float32)
-    try:
-        config = vae.config
-        if getattr(config, "latents_mean", None) is not None and getattr(config, "latents_std", None) is not None:
-            mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1).to(latents.device, latents.dtype)
-            std = torch.tensor(config.latents_std).view(1, -1, 1, 1).to(latents.device, latents.dtype)
-            scaled = latents * std / config.scaling_factor + mean
-        else:
-            scaled = latents / config.scaling_factor
-        scaled = scaled.to(get_module_execution_device(vae), torch.float32 if fp32 else dtype)
-        with torch.no_grad():
-            return vae.decode(scaled, return_dict=False)[0]
-    finally:
-        if fp32:
-            vae.to(dtype=dtype)
-
-
-def decode_tiled(engine: Engine, latents: torch.Tensor, notes: DecodeNotes):
-    """Decode again with VAE tiling switched on for this call only (the out-of-memory retry)."""
-    vae = engine.pipe.vae
-    was_tiled = vae.use_tiling
-    vae.enable_tiling()
-    notes.tiled_retry = True
-    try:
-        return decode(engine, latents, notes)
-    finally:
-        if not was_tiled:
-            vae.disable_tiling()
 
 
 def peak_memory_gb(device: torch.device) -> float | None:
@@ -188,6 +181,20 @@ def peak_memory_gb(device: torch.device) -> float | None:
 def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+
+
+def limit_memory(device: torch.device, gib: float | None) -> None:
+    """--max-vram: make it the allocator's hard limit on this GPU, so the run cannot exceed it."""
+    if gib is None or device.type != "cuda":
+        return
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, gib * 2**30 / total), device)
+
+
+def device_memory_gib(device: torch.device) -> float | None:
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(device).total_memory / 2**30
 
 
 class Timer:

@@ -5,8 +5,6 @@ A1111's names go into the PNG `parameters` chunk, so CivitAI and metadata reader
 
 from dataclasses import dataclass, field
 
-import diffusers
-
 
 @dataclass(frozen=True)
 class Sampler:
@@ -29,6 +27,8 @@ SAMPLERS = {
 
 def make_scheduler(name: str, model_scheduler_config: dict):
     """Build sampler `name` from the model's own scheduler config (keeps its betas and prediction type)."""
+    import diffusers  # here, not at the top: `sdrun --help` and usage errors never import it
+
     sampler = SAMPLERS[name]
     cls = getattr(diffusers, sampler.cls_name)
     return cls.from_config(model_scheduler_config, **sampler.settings)

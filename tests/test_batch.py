@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from conftest import TINY
-from sdrun import pipeline
+from sdrun.render import sampling, stages
 
 
 def pixels(path) -> np.ndarray:
@@ -78,7 +78,7 @@ def test_bad_lines_are_reported_with_line_numbers_before_generation_and_the_rest
     assert [r["line"] for r in failed] == [2, 3, 4, 5, 6]
     assert "unknown key 'sead'" in failed[0]["error"] and "multiple of 8" in failed[1]["error"]
     assert "not valid JSON" in failed[2]["error"] and "must be a number" in failed[3]["error"]
-    assert "unknown scheduler" in failed[4]["error"]
+    assert "not a known scheduler" in failed[4]["error"]
     assert records.index(failed[-1]) < records.index(next(r for r in records if r["status"] == "ok"))
     assert sorted(r["prompt"] for r in records if r["status"] == "ok") == ["good one", "good two"]
     assert "2 done, 0 skipped, 5 failed of 7" in result.stderr
@@ -127,20 +127,20 @@ def test_json_lines_describe_each_finished_image(sdrun):
 
 def inject_decode(monkeypatch, failures):
     """Make the VAE decode fail in the given ways, in order: 'oom' unless tiled, 'nan' once, 'nan' always."""
-    real = pipeline._vae_decode
+    real = stages._vae_decode
 
-    def fake(vae, latents, fp32):
+    def fake(vae, latents, fp32, tiles):
         kind = failures[0] if failures else None
-        if kind == "oom-untiled" and not vae.use_tiling:
+        if kind == "oom-untiled" and tiles is None:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected)")
         if kind == "nan-once":
             failures.pop(0)
-            return torch.full_like(real(vae, latents, fp32), float("nan"))
+            return torch.full_like(real(vae, latents, fp32, tiles), float("nan"))
         if kind == "nan-always":
-            return torch.full_like(real(vae, latents, fp32), float("nan"))
-        return real(vae, latents, fp32)
+            return torch.full_like(real(vae, latents, fp32, tiles), float("nan"))
+        return real(vae, latents, fp32, tiles)
 
-    monkeypatch.setattr(pipeline, "_vae_decode", fake)
+    monkeypatch.setattr(stages, "_vae_decode", fake)
     return real
 
 
@@ -152,7 +152,7 @@ def test_out_of_memory_in_decode_saves_latents_and_retries_tiled(sdrun, monkeypa
     assert Path("big.latents.safetensors").is_file()
     info = meta("big.png")
     assert info["decode"]["tiled_retry"] is True and info["latents_file"] == "big.latents.safetensors"
-    monkeypatch.setattr(pipeline, "_vae_decode", real)
+    monkeypatch.setattr(stages, "_vae_decode", real)
     # the saved latents decode later, with any memory flags, to the same picture
     result = sdrun("decode", "big.latents.safetensors", "--vae-tiling", "-o", "later.png")
     assert result.exit_code == 0, result
@@ -170,14 +170,14 @@ def test_out_of_memory_in_denoiser_names_the_flags_and_exits_4(sdrun, monkeypatc
     def oom(*_args, **_kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory (injected)")
 
-    monkeypatch.setattr(pipeline, "denoise", oom)
+    monkeypatch.setattr(sampling, "sample", oom)
     result = sdrun("a fox", *TINY, "--seed", "1", "-n", "2", "--batch-size", "2", "--vae-tiling", "--json")
     assert result.exit_code == 4, result
     errors = {r["error"] for r in result.records()}
     assert len(errors) == 1
     message = errors.pop()
     assert "out of GPU memory while denoising" in message
-    for flag in ("--fp16", "--xformers", "--model-offload", "smaller --batch-size"):
+    for flag in ("--max-vram", "--fp16", "--tiled-diffusion", "--model-offload", "smaller --batch-size"):
         assert flag in message
 
 
@@ -261,11 +261,11 @@ def test_ctrl_c_leaves_complete_files_only_and_a_rerun_finishes_the_set(isolated
 def test_out_of_memory_outside_a_batch_item_is_one_line_and_exit_4(sdrun, monkeypatch):
     real = inject_decode(monkeypatch, ["oom-untiled"])
     assert sdrun("a fox", *TINY, "--seed", "3", "-o", "big.png").exit_code == 0
-    monkeypatch.setattr(pipeline, "_vae_decode", lambda *_: (_ for _ in ()).throw(torch.OutOfMemoryError("injected")))
+    monkeypatch.setattr(stages, "_vae_decode", lambda *_: (_ for _ in ()).throw(torch.OutOfMemoryError("injected")))
     result = sdrun("decode", "big.latents.safetensors", "-o", "later.png")
     assert result.exit_code == 4 and "out of GPU memory" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not Path("later.png").exists()
-    monkeypatch.setattr(pipeline, "_vae_decode", real)
+    monkeypatch.setattr(stages, "_vae_decode", real)
 
 
 def test_the_model_loads_once_for_the_whole_batch(sdrun, monkeypatch):

@@ -3,23 +3,23 @@ memory flags really lower peak memory. Skipped without CUDA; bench/flags.py meas
 
 import numpy as np
 import pytest
-import torch
-
 from sdrun import pipeline
 from sdrun.config import Job, RunConfig
 from sdrun.console import Reporter
+from sdrun.render.stages import render
 
 pytestmark = pytest.mark.cuda
 
 
 def image(flags, job, device="cuda"):
-    """The image, the peak memory of its VAE decode, and the decode notes."""
-    engine = pipeline.load(RunConfig(model="tiny", flags=flags, device=device), Reporter(quiet=True))
-    latents = pipeline.denoise(engine, job, [job.seed])
-    pipeline.reset_peak_memory(engine.device)
-    images, notes = pipeline.decode(engine, latents)
-    peak = torch.cuda.max_memory_allocated() if engine.device.type == "cuda" else 0
-    return np.asarray(images[0], dtype=np.float32) / 255, peak, notes
+    """The image, the peak memory of its VAE decode stage (bytes), and the decode notes."""
+    planned = pipeline.plan_run(RunConfig(model="tiny", flags=flags, device=device), [job])
+    engine = pipeline.load(planned.run, Reporter(quiet=True), planned.setup)
+    plan = planned[job]
+    rendered = render(engine, plan, job, [job.seed])
+    decode_stage = [s.name for s in plan.stages].index("decode")
+    peak = rendered.stage_peaks[decode_stage] * 2**30 if rendered.stage_peaks else 0
+    return np.asarray(rendered.images[0], dtype=np.float32) / 255, peak, rendered.notes
 
 
 JOB = Job(prompt="a red fox", steps=4, seed=3, width=128, height=128)

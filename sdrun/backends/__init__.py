@@ -5,18 +5,20 @@ Order, and why:
 2. channels_last  changes the weights' memory format; offload hooks must wrap the final tensors.
 3. xformers       swaps attention processors on the modules; offload hooks must wrap the final modules.
 4. vae_slicing    VAE settings: independent of placement.
-5. vae_tiling
-6. cpu_offload    placement: installs accelerate hooks and moves the model itself, instead of pipe.to(device);
-7. model_offload  so the offloads come last (diffusers: enable_model_cpu_offload moves the pipeline to CPU).
-"""
+5. vae_tiling     render settings only (the decode stage tiles, the denoise stage windows): nothing on the
+6. tiled_diffusion  pipeline, so their place in the order is free; they sit with the other render settings.
+7. cpu_offload    placement: installs accelerate hooks and moves the model itself, instead of pipe.to(device);
+8. model_offload  so the offloads come last (diffusers: enable_model_cpu_offload moves the pipeline to CPU).
 
-import torch
+No torch import here: the CLI reads this registry to build its options before torch loads.
+"""
 
 from sdrun.backends import (
     channels_last,
     cpu_offload,
     fp16,
     model_offload,
+    tiled_diffusion,
     vae_slicing,
     vae_tiling,
     xformers,
@@ -25,7 +27,8 @@ from sdrun.backends.base import Backend
 from sdrun.errors import BackendUnavailable, UsageError
 
 BACKENDS: tuple[Backend, ...] = tuple(
-    module.BACKEND for module in (fp16, channels_last, xformers, vae_slicing, vae_tiling, cpu_offload, model_offload)
+    module.BACKEND for module in (fp16, channels_last, xformers, vae_slicing, vae_tiling, tiled_diffusion, cpu_offload,
+                                   model_offload)
 )
 BY_NAME = {backend.name: backend for backend in BACKENDS}
 
@@ -43,22 +46,33 @@ def select(names) -> tuple[Backend, ...]:
     return chosen
 
 
-def check(chosen, device: torch.device) -> None:
+def ordered(names) -> tuple[str, ...]:
+    """Backend names in application order."""
+    return tuple(backend.name for backend in BACKENDS if backend.name in set(names))
+
+
+def check(chosen, device) -> None:
     """Raise one BackendUnavailable listing every reason any chosen backend cannot run on `device`."""
     reasons = [reason for backend in chosen for reason in backend.unavailable_reasons(device)]
     if reasons:
         raise BackendUnavailable("; ".join(reasons) + hint(chosen, device))
 
 
-def hint(chosen, device: torch.device) -> str:
+def hint(chosen, device) -> str:
     if device.type == "cpu" and any(backend.needs_cuda for backend in chosen):
         names = " ".join(b.flag for b in chosen if b.needs_cuda)
         return f" (drop {names} to run on the CPU, or run where torch sees a CUDA GPU; `sdrun info` shows what is usable)"
     return " (`sdrun info` shows what is usable here)"
 
 
-def load_dtype(chosen) -> torch.dtype:
-    for backend in chosen:
-        if backend.load_dtype is not None:
-            return backend.load_dtype
-    return torch.float32
+def load_dtype(chosen):
+    import torch
+
+    names = [backend.load_dtype for backend in chosen if backend.load_dtype is not None]
+    return getattr(torch, names[0]) if names else torch.float32
+
+
+def lowering(stage: str, exclude=()) -> list[Backend]:
+    """The backends that lower `stage`'s memory ("weights", "denoise", "decode"), less those in `exclude`: the
+    out-of-memory advice names them."""
+    return [backend for backend in BACKENDS if stage in backend.lowers and backend.name not in exclude]

@@ -1,11 +1,11 @@
 """--channels-last: store the UNet and VAE convolution weights in NHWC order, which cuDNN's fast kernels prefer."""
 
-import torch
-
 from sdrun.backends.base import Backend
 
 
 def apply(pipe, _device):
+    import torch
+
     pipe.unet.to(memory_format=torch.channels_last)
     pipe.vae.to(memory_format=torch.channels_last)
 

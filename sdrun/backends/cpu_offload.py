@@ -12,6 +12,7 @@ BACKEND = Backend(
     help="Keep weights in CPU memory, moving each layer to the GPU as it runs: the least GPU memory "
     "(SD 1.5 at 512x512: 0.63 GiB), but about 14x slower.",
     apply=apply,
+    lowers=("weights",),
     needs_cuda=True,
     conflicts=("model_offload",),
     places_pipeline=True,

@@ -1,7 +1,5 @@
 """--fp16: load the weights in half precision (a load-time dtype, not a conversion after loading)."""
 
-import torch
-
 from sdrun.backends.base import Backend
 
 BACKEND = Backend(
@@ -9,5 +7,6 @@ BACKEND = Backend(
     help="Half-precision weights: half the memory and faster (SD 1.5, 512x512, H200: 5.2 -> 2.6 GiB, "
     "2.0 -> 1.3 s). The SDXL VAE still decodes in fp32 (it overflows in fp16).",
     needs_cuda=True,  # CPU kernels for fp16 are slow or missing: no reason to use it there
-    load_dtype=torch.float16,
+    load_dtype="float16",
+    lowers=("weights", "denoise", "decode"),
 )

@@ -12,6 +12,7 @@ BACKEND = Backend(
     help="Keep only the model in use on the GPU (UNet during denoising, VAE while decoding): "
     "SD 1.5 at 512x512 2.6 -> 1.9 GiB, 1.5-1.9x the time (weights cross PCIe every image).",
     apply=apply,
+    lowers=("weights",),
     needs_cuda=True,
     conflicts=("cpu_offload",),
     places_pipeline=True,

@@ -11,4 +11,5 @@ BACKEND = Backend(
     name="vae_slicing",
     help="Decode batched images one at a time: VAE memory no longer grows with --batch-size. Slightly slower.",
     apply=apply,
+    lowers=("decode",),
 )

@@ -1,0 +1,304 @@
+"""The render stages, and `render`, which runs a plan's list of them for one chunk of seeds.
+
+Every stage has one signature, `stage(engine, job, step, canvas) -> canvas`: the loaded model, the job (prompt,
+guidance, ...), the stage's StagePlan (size, steps, strength, tiles) and the canvas that carries the work from
+stage to stage (conditioning, scheduler, latents, pixels). Text-to-image, img2img and hires are different lists of
+these stages (plan.py). Nothing here writes a file.
+"""
+
+import contextlib
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
+
+from sdrun import tiled_vae
+from sdrun.errors import OutOfMemory, SdrunError
+from sdrun.render import images, sampling
+from sdrun.render.plan import RenderPlan, StagePlan
+from sdrun.render.tiling import tiled
+from sdrun.schedulers import make_scheduler
+
+FEED_FORWARD_CHUNK = 4096  # tokens per feed-forward call when chunked: 2.5 MB of GEGLU activations per channel width
+
+
+class RenderFailed(SdrunError):
+    """This item could not be rendered (NaN latents, a VAE that gives NaN even in float32)."""
+
+
+class DecodeOutOfMemory(OutOfMemory):
+    """The decode ran out of memory even in tiles; the caller kept the latents (Hooks.on_decode_oom)."""
+
+
+@dataclass
+class DecodeNotes:
+    """How the decodes went, for the image metadata."""
+
+    vae_fp32: bool = False  # decoded in float32 although the model is fp16 (SDXL's VAE, or a NaN retry)
+    nan_retry: bool = False  # a decode gave NaN or a black image and was redone in float32
+    tiled_retry: bool = False  # a decode ran out of memory and was redone in tiles
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """What the caller hears during a render."""
+
+    on_step: object = None  # on_step(done): steps done so far over every denoise stage of the plan
+    on_decode_oom: object = None  # on_decode_oom(latents): the first decode ran out of memory; keep the latents
+
+
+@dataclass
+class Canvas:
+    """The work in progress of one chunk of images, handed from stage to stage."""
+
+    plan: RenderPlan
+    generators: list[torch.Generator]  # one CPU generator per image: image k is the same alone or in a batch
+    device: torch.device
+    hooks: Hooks
+    cond: sampling.Conditioning | None = None
+    scheduler: object = None
+    timesteps: torch.Tensor | None = None
+    latents: torch.Tensor | None = None  # what the UNet sees (scaled by the VAE's scaling factor)
+    pixels: torch.Tensor | None = None  # (B, 3, H, W) in [-1, 1]
+    steps_done: int = 0
+    notes: DecodeNotes = field(default_factory=DecodeNotes)
+
+    @property
+    def count(self) -> int:
+        return len(self.generators)
+
+
+# ---------------------------------------------------------------------------------------------- the stages
+
+def encode_prompt(engine, job, step: StagePlan, canvas: Canvas) -> Canvas:
+    """Text -> conditioning through diffusers' encode_prompt, the unconditional half first under guidance."""
+    pipe, device, guidance = engine.pipe, canvas.device, job.guidance > 1
+    negative_prompt = job.negative_prompt or None
+    if engine.family == "sdxl":
+        embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+            prompt=job.prompt, device=device, num_images_per_prompt=canvas.count,
+            do_classifier_free_guidance=guidance, negative_prompt=negative_prompt)
+        size = (step.height, step.width)
+        projection = pipe.text_encoder_2.config.projection_dim
+        time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=embeds.dtype,
+                                          text_encoder_projection_dim=projection).to(device).repeat(canvas.count, 1)
+        if guidance:
+            embeds, pooled, time_ids = (torch.cat([negative, embeds]), torch.cat([negative_pooled, pooled]),
+                                        torch.cat([time_ids, time_ids]))
+        added = {"text_embeds": pooled.to(device), "time_ids": time_ids}
+    else:
+        embeds, negative = pipe.encode_prompt(job.prompt, device, canvas.count, guidance, negative_prompt)
+        embeds, added = (torch.cat([negative, embeds]) if guidance else embeds), None
+    canvas.cond = sampling.Conditioning(embeds.to(device), added, 2 if guidance else 1)
+    return canvas
+
+
+def load_image(engine, job, step: StagePlan, canvas: Canvas) -> Canvas:
+    """The init image at the stage's size, as pixels in [-1, 1], once per image of the chunk."""
+    picture = images.open_image(job.init_image).resize((step.width, step.height))
+    pixels = engine.pipe.image_processor.preprocess(picture, height=step.height, width=step.width)
+    canvas.pixels = pixels.repeat(canvas.count, 1, 1, 1)
+    return canvas
+
+
+def encode_image(engine, job, step: StagePlan, canvas: Canvas) -> Canvas:
+    """Pixels -> latents: the mean of the VAE's latent distribution, in the UNet's latent space."""
+    vae = engine.pipe.vae
+    pixels = canvas.pixels.to(get_module_execution_device(vae), vae.dtype)
+    with torch.no_grad():
+        if step.tiled:
+            parameters = tiled_vae.encode_tiled(vae, pixels, canvas.plan.vae_tile, canvas.plan.vae_overlap)
+        else:
+            parameters = vae.encode(pixels).latent_dist.parameters
+    mean = parameters[:, : parameters.shape[1] // 2].float()
+    canvas.latents = _latent_scaling(vae, mean, to_unet=True).to(canvas.device, engine.pipe.unet.dtype)
+    canvas.pixels = None
+    return canvas
+
+
+def prepare_latents(engine, job, step: StagePlan, canvas: Canvas) -> Canvas:
+    """A fresh scheduler and the starting latents: noise from the per-image generators (diffusers' randn_tensor,
+    so the same seed gives diffusers' image), or, from strength < 1, that noise added to the encoded image at
+    the first kept timestep. Strength 1 is exactly text-to-image, the image ignored."""
+    unet, scale = engine.pipe.unet, engine.pipe.vae_scale_factor
+    shape = (canvas.count, unet.config.in_channels, step.height // scale, step.width // scale)
+    noise = randn_tensor(shape, generator=canvas.generators, device=canvas.device, dtype=canvas.cond.embeds.dtype)
+    scheduler = make_scheduler(job.scheduler, engine.base_scheduler.config) if job.scheduler \
+        else type(engine.base_scheduler).from_config(engine.base_scheduler.config)
+    scheduler.set_timesteps(step.steps, device=canvas.device)
+    canvas.scheduler = scheduler
+    if step.strength >= 1:
+        canvas.timesteps = scheduler.timesteps
+        canvas.latents = noise * scheduler.init_noise_sigma
+    else:
+        canvas.timesteps = sampling.img2img_timesteps(scheduler, step.steps, step.strength)
+        if len(canvas.timesteps):
+            canvas.latents = scheduler.add_noise(canvas.latents, noise, canvas.timesteps[:1].repeat(canvas.count))
+    return canvas
+
+
+def denoise(engine, job, step: StagePlan, canvas: Canvas) -> Canvas:
+    """sdrun's denoising loop over the denoiser UNet -> guidance -> windows, with the NaN watch."""
+    plan, pipe = canvas.plan, engine.pipe
+    model = sampling.unet_model(pipe.unet, canvas.cond)
+    denoiser = sampling.guided(model, canvas.cond, job.guidance, sequential=plan.sequential_guidance)
+    if step.windows is not None:
+        denoiser = tiled(denoiser, step.windows)
+    watch = sampling.NanWatch(canvas.device)
+
+    def after_step(index: int, x: torch.Tensor) -> None:
+        watch(index, x)
+        canvas.steps_done += 1
+        if canvas.hooks.on_step is not None:
+            canvas.hooks.on_step(canvas.steps_done)
+
+    accepted = inspect.signature(canvas.scheduler.step).parameters  # DDIM takes eta, the ancestral ones a generator
+    step_kwargs = {k: v for k, v in (("eta", 0.0), ("generator", canvas.generators)) if k in accepted}
+    with torch.no_grad(), chunked_feed_forward(pipe.unet, plan.chunked_feed_forward):
+        canvas.latents = sampling.sample(denoiser, canvas.latents, canvas.scheduler, canvas.timesteps, step_kwargs,
+                                         after_step)
+    try:
+        watch.check()
+    except sampling.NonFiniteLatents as bad:
+        raise RenderFailed(f"the denoiser produced NaN/inf latents at step {bad.step} of {len(canvas.timesteps)} "
+                           "(often fp16 overflow): run again without --fp16") from None
+    return canvas
+
+
+def decode(engine, job, step: StagePlan, canvas: Canvas) -> Canvas:
+    """Latents -> pixels, with the fallbacks: out of memory -> keep the latents (hook) and decode in tiles."""
+    try:
+        canvas.pixels = decode_latents(engine, canvas.latents, _tiles(canvas.plan) if step.tiled else None,
+                                       canvas.notes)
+    except torch.OutOfMemoryError:
+        if step.tiled:
+            raise DecodeOutOfMemory("out of GPU memory decoding even in VAE tiles") from None
+        if canvas.hooks.on_decode_oom is not None:
+            canvas.hooks.on_decode_oom(canvas.latents)
+        if canvas.device.type == "cuda":
+            torch.cuda.empty_cache()
+        canvas.notes.tiled_retry = True
+        try:
+            canvas.pixels = decode_latents(engine, canvas.latents, _tiles(canvas.plan), canvas.notes)
+        except torch.OutOfMemoryError:
+            raise DecodeOutOfMemory("out of GPU memory decoding even in VAE tiles") from None
+    return canvas
+
+
+def upscale(engine, job, step: StagePlan, canvas: Canvas) -> Canvas:
+    """Pixels -> the stage's size, bicubic: the refining pass that follows redraws the detail."""
+    pixels = torch.nn.functional.interpolate(canvas.pixels.float(), size=(step.height, step.width), mode="bicubic")
+    canvas.pixels = pixels.clamp(-1, 1)
+    return canvas
+
+
+STAGES = {stage.__name__: stage for stage in (encode_prompt, load_image, encode_image, prepare_latents, denoise,
+                                              decode, upscale)}
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+def _tiles(plan: RenderPlan) -> tuple[int, int]:
+    return plan.vae_tile, plan.vae_overlap
+
+
+def decode_latents(engine, latents: torch.Tensor, tiles: tuple[int, int] | None, notes: DecodeNotes):
+    """Latents -> pixels in [-1, 1], in VAE tiles of (size, overlap) image pixels when `tiles` is given. SDXL's fp16 VAE decodes in fp32 (it overflows in fp16); SD 1.x/2.x VAEs carry
+    the same force_upcast flag but decode fine in fp16, as diffusers' own SD pipeline does (upcasting them cost
+    0.75 GiB at 512x512 and 2.5 GiB at 1024x1024 on an H200). NaN or all-black output is decoded again in fp32."""
+    if not torch.isfinite(latents).all():
+        raise RenderFailed("the denoiser produced NaN/inf latents (often fp16 overflow): run again without --fp16")
+    vae = engine.pipe.vae
+    fp32 = vae.dtype == torch.float16 and engine.family == "sdxl" and bool(getattr(vae.config, "force_upcast", False))
+    pixels = _vae_decode(vae, latents, fp32, tiles)
+    if not torch.isfinite(pixels).all() or bool((pixels <= -1).all()):
+        notes.nan_retry = fp32 = True
+        pixels = _vae_decode(vae, latents, fp32, tiles)
+        if not torch.isfinite(pixels).all():
+            raise RenderFailed("the VAE produced NaN even in float32: the model's VAE weights are likely broken")
+    notes.vae_fp32 |= fp32 and vae.dtype != torch.float32
+    return pixels
+
+
+def _vae_decode(vae, latents: torch.Tensor, fp32: bool, tiles: tuple[int, int] | None) -> torch.Tensor:
+    """Decode (in tiles when given), temporarily in float32 if asked."""
+    dtype = vae.dtype
+    if fp32:
+        vae.to(dtype=torch.float32)
+    try:
+        scaled = _latent_scaling(vae, latents.float(), to_unet=False)
+        scaled = scaled.to(get_module_execution_device(vae), torch.float32 if fp32 else dtype)
+        with torch.no_grad():
+            if tiles is not None:
+                scale = 2 ** (len(vae.config.block_out_channels) - 1)
+                return tiled_vae.decode_tiled(vae, scaled, tiles[0] // scale, tiles[1] // scale)
+            return vae.decode(scaled, return_dict=False)[0]
+    finally:
+        if fp32:
+            vae.to(dtype=dtype)
+
+
+def _latent_scaling(vae, latents: torch.Tensor, to_unet: bool) -> torch.Tensor:
+    """Between the VAE's latent space and the UNet's: the scaling factor, and SDXL-style mean/std where given."""
+    config = vae.config
+    mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+    if mean is not None and std is not None:
+        mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
+        std = torch.tensor(std).view(1, -1, 1, 1).to(latents)
+        return (latents - mean) * config.scaling_factor / std if to_unet else latents * std / config.scaling_factor + mean
+    return latents * config.scaling_factor if to_unet else latents / config.scaling_factor
+
+
+@contextlib.contextmanager
+def chunked_feed_forward(unet, on: bool):
+    """Run every transformer block's feed-forward over FEED_FORWARD_CHUNK tokens at a time: its GEGLU activations
+    (8x the block's width per token) are the UNet's largest at big sizes; the result is the same (row-wise op)."""
+    if not on:
+        yield
+        return
+    from diffusers.models.attention import FeedForward
+
+    patched = [m for m in unet.modules() if isinstance(m, FeedForward)]
+    for module in patched:
+        module.forward = _chunked(module.forward)
+    try:
+        yield
+    finally:
+        for module in patched:
+            del module.forward  # back to the class's forward
+
+
+def _chunked(forward):
+    def run(hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if hidden_states.shape[1] <= FEED_FORWARD_CHUNK:
+            return forward(hidden_states, *args, **kwargs)
+        parts = [forward(part, *args, **kwargs) for part in hidden_states.split(FEED_FORWARD_CHUNK, dim=1)]
+        return torch.cat(parts, dim=1)
+
+    return run
+
+
+# ---------------------------------------------------------------------------------------------- render
+
+@dataclass
+class Rendered:
+    images: list  # PIL images, one per seed
+    notes: DecodeNotes
+    stage_peaks: list[float]  # measured peak GiB of each stage (CUDA only), in plan order
+
+
+def render(engine, plan: RenderPlan, job, seeds: list[int], hooks: Hooks = Hooks()) -> Rendered:
+    """Run `plan`'s stages for one image per seed and return PIL images."""
+    device = engine.device
+    canvas = Canvas(plan, [torch.Generator("cpu").manual_seed(seed) for seed in seeds], device, hooks)
+    peaks = []
+    for step in plan.stages:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        canvas = STAGES[step.name](engine, job, step, canvas)
+        if device.type == "cuda":
+            peaks.append(round(torch.cuda.max_memory_allocated(device) / 2**30, 3))
+    engine.pipe.maybe_free_model_hooks()
+    return Rendered(engine.pipe.image_processor.postprocess(canvas.pixels.float(), output_type="pil"),
+                    canvas.notes, peaks)

@@ -1,0 +1,159 @@
+"""The render engine on the tiny model, through the real CLI: sdrun's own loop gives diffusers' images, img2img,
+tiled diffusion, hires, the plan and its checks (issue 8)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import TINY
+from sdrun import models
+from sdrun.config import Job, RunConfig
+from sdrun.errors import UsageError
+from sdrun.render import plan as render_plan
+from sdrun.render.tiling import Windows, weight_maps
+from sdrun.schedulers import SAMPLERS, make_scheduler
+
+
+def pixels(path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image, dtype=np.float32) / 255
+
+
+def meta(path) -> dict:
+    with Image.open(path) as image:
+        return json.loads(image.text["sdrun"])
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe():
+    pipe = models.build_tiny()
+    pipe.model_scheduler_config = pipe.scheduler.config  # each test's scheduler is built from the model's own
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("scheduler", sorted(SAMPLERS))
+def test_text_to_image_equals_diffusers_own_pipeline(sdrun, tiny_pipe, scheduler):
+    """sdrun's loop over the scheduler gives the image diffusers' text-to-image call gives (every scheduler,
+    guidance on, a negative prompt, a non-square size, two images in one batch)."""
+    args = ("a red fox", "--model", "tiny", "--steps", "3", "--seed", "5", "--scheduler", scheduler,
+            "--negative-prompt", "blurry", "-W", "72", "-H", "56", "-n", "2", "--batch-size", "2", "-o", "s-{seed}.png")
+    result = sdrun(*args)
+    assert result.exit_code == 0, result
+    tiny_pipe.scheduler = make_scheduler(scheduler, tiny_pipe.model_scheduler_config)
+    reference = tiny_pipe("a red fox", negative_prompt="blurry", num_inference_steps=3, width=72, height=56,
+                          num_images_per_prompt=2, guidance_scale=7.5, output_type="np",
+                          generator=[torch.Generator().manual_seed(seed) for seed in (5, 6)]).images
+    for k, seed in enumerate((5, 6)):
+        assert np.abs(pixels(f"s-{seed}.png") - reference[k]).max() <= 1 / 255 + 1e-6, scheduler
+
+
+def test_img2img_strength_one_is_text_to_image_and_zero_returns_the_image(sdrun, tiny_pipe):
+    common = ("a lighthouse", *TINY, "--seed", "3")
+    assert sdrun(*common, "-o", "t2i.png").exit_code == 0
+    Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)).save("init.png")
+    assert sdrun(*common, "--init-image", "init.png", "--strength", "1", "-o", "s1.png").exit_code == 0
+    assert np.array_equal(pixels("s1.png"), pixels("t2i.png"))
+    result = sdrun(*common, "--init-image", "init.png", "--strength", "0", "-o", "s0.png")
+    assert result.exit_code == 0, result
+    # strength 0 runs no step: the image comes back through the VAE (encode, then decode) unchanged otherwise
+    init = tiny_pipe.image_processor.preprocess(Image.open("init.png").convert("RGB"))
+    with torch.no_grad():
+        round_trip = tiny_pipe.vae.decode(tiny_pipe.vae.encode(init).latent_dist.mode()).sample
+    expected = tiny_pipe.image_processor.postprocess(round_trip, output_type="np")[0]
+    assert np.abs(pixels("s0.png") - expected).max() <= 1 / 255 + 1e-6
+    assert sdrun(*common, "--init-image", "init.png", "--strength", "0.5", "-o", "s5.png").exit_code == 0
+    half = pixels("s5.png")
+    assert not np.array_equal(half, pixels("s0.png")) and not np.array_equal(half, pixels("t2i.png"))
+    assert meta("s5.png")["strength"] == 0.5 and "Denoising strength: 0.5" in Image.open("s5.png").text["parameters"]
+
+
+def test_tiled_diffusion_with_one_window_is_the_untiled_pass_and_more_windows_blend(sdrun):
+    common = ("a forest", *TINY, "--seed", "2", "-W", "96", "-H", "64")
+    assert sdrun(*common, "-o", "plain.png").exit_code == 0
+    assert sdrun(*common, "--tiled-diffusion", "--window-size", "96", "-o", "one.png").exit_code == 0
+    assert np.array_equal(pixels("plain.png"), pixels("one.png"))
+    result = sdrun(*common, "--tiled-diffusion", "--window-size", "48", "--window-overlap", "16",
+                   "--window-batch", "2", "-o", "many.png")
+    assert result.exit_code == 0, result
+    many = pixels("many.png")
+    assert not np.array_equal(many, pixels("plain.png")) and np.isfinite(many).all() and many.std() > 0.01
+    assert "windows of 24 latents" in " ".join(meta("many.png")["render"]["stages"])
+
+
+def test_window_weights_are_a_partition_of_unity_with_one_window_all_ones():
+    windows = Windows(height=40, width=70, size=24, overlap=8, batch=4)
+    total = torch.zeros(40, 70, dtype=torch.float64)
+    for (top, left, h, w), weights in zip(windows.boxes(), weight_maps(windows)):
+        assert weights.min() > 0
+        total[top:top + h, left:left + w] += weights
+    assert torch.allclose(total, torch.ones_like(total))  # two neighbours' ramps add up to 1 on their overlap
+    (only,) = weight_maps(Windows(height=20, width=30, size=32, overlap=8, batch=1))
+    assert only.shape == (20, 30) and bool((only == 1).all())
+
+
+def test_hires_writes_the_target_size_from_a_native_base(sdrun):
+    result = sdrun("a valley", *TINY, "--seed", "1", "--hires", "160x96", "--hires-strength", "0.5", "-o", "h.png")
+    assert result.exit_code == 0, result
+    with Image.open("h.png") as image:
+        assert image.size == (160, 96)
+        assert "Hires resize: 160x96" in image.text["parameters"]
+    info = meta("h.png")
+    assert info["hires"] == "160x96" and info["width"] * info["height"] <= 64 * 64 * 1.1  # base at native area
+    stages = info["render"]["stages"]
+    assert [s.split()[0] for s in stages] == ["encode_prompt", "prepare_latents", "denoise", "decode", "upscale",
+                                            "encode_image", "prepare_latents", "denoise", "decode"]
+    assert "windows" in stages[7] and "in tiles" in stages[8]
+
+
+def test_plan_and_dry_run_load_no_weights(sdrun, monkeypatch, isolated):
+    def no_loading(*_args, **_kwargs):
+        raise AssertionError("weights were loaded")
+
+    monkeypatch.setattr(models, "load_pipeline", no_loading)
+    result = sdrun("plan", "a city", *TINY, "-W", "256", "-H", "128", "--tiled-diffusion")
+    assert result.exit_code == 0, result
+    assert "denoise 256x128, 2 steps" in result.stdout and "windows" in result.stdout
+    result = sdrun("a city", *TINY, "--dry-run", "--hires", "256x256")
+    assert result.exit_code == 0, result
+    assert "upscale 256x256" in result.stdout
+    cuda = sdrun("plan", "a city", "-W", "3840", "-H", "2160", "--device", "cuda", "--fp16", "--max-vram", "4")
+    assert cuda.exit_code == 0, cuda
+    assert "GiB" in cuda.stdout and "--max-vram 4 added" in cuda.stderr
+    assert not list(isolated.rglob("*.png"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--vae-tiling", "--tile-size", "128", "--tile-overlap", "64"), "must be less than half of --tile-size"),
+    (("--tile-size", "128"), "--tile-size needs --vae-tiling"),
+    (("--tiled-diffusion", "--window-size", "64", "--window-overlap", "64"), "must be less than --window-size"),
+    (("--hires", "32x32"), "is smaller than the base size"),
+    (("--hires", "4k"), "WIDTHxHEIGHT"),
+    (("--strength", "1.5"), "strength 1.5 is outside 0..1"),
+    (("--init-image", "missing.png"), "does not exist"),
+    (("--init-image", "notes.txt"), "is not an image sdrun can read"),
+    (("--guidance", "nan"), "is not a finite number"),
+    (("--max-vram", "4"), "this run is on the CPU"),
+])
+def test_bad_render_values_are_one_line_errors_before_any_work(sdrun, monkeypatch, isolated, args, message):
+    Path("notes.txt").write_text("not an image")
+    monkeypatch.setattr(models, "load_pipeline", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    result = sdrun("a fox", *TINY, *args)
+    assert result.exit_code == 2, result
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (isolated / "outputs").exists()
+
+
+def test_max_vram_below_every_setting_is_refused_and_a_fitting_one_adds_settings():
+    info = render_plan.ModelInfo("sd1", 512, 8)
+    job = Job(prompt="x", width=3840, height=2160)
+    with pytest.raises(UsageError, match="below what any setting reaches"):
+        render_plan.make_plan(RunConfig(max_vram=0.5), job, info, "cuda", budget=0.5)
+    fitted = render_plan.make_plan(RunConfig(max_vram=4), job, info, "cuda", budget=4)
+    assert fitted.peak_gib <= 4 and {"exact", "fp16", "vae_tiling"} <= set(fitted.added)
+    roomy = render_plan.make_plan(RunConfig(max_vram=80, flags=("fp16",)), job, info, "cuda", budget=80)
+    assert roomy.added == () and not roomy.chunked_feed_forward
