@@ -42,7 +42,7 @@ def peer_rows(folder: Path, steps: int, cap: float):
     torch.cuda.set_per_process_memory_fraction(cap * 2**30 / torch.cuda.get_device_properties(0).total_memory)
     pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float16).to("cuda")
     pipe.set_progress_bar_config(disable=True)
-    pipe.enable_vae_tiling()
+    pipe.vae.enable_tiling()
     yield "diffusers 3840x2160, VAE tiling", timed(lambda: pipe(PROMPT, num_inference_steps=steps, width=3840,
                                                                    height=2160, output_type="pil"))
     panorama = StableDiffusionPanoramaPipeline(**{k: v for k, v in pipe.components.items()
@@ -51,7 +51,7 @@ def peer_rows(folder: Path, steps: int, cap: float):
                                                safety_checker=None, feature_extractor=None,
                                                requires_safety_checker=False)
     panorama.set_progress_bar_config(disable=True)
-    panorama.enable_vae_tiling()
+    panorama.vae.enable_tiling()
     original = panorama.get_views
     panorama.get_views = lambda h, w, **_: original(h, w, **PANORAMA_WINDOW)
     yield ("diffusers StableDiffusionPanoramaPipeline 3840x2176, 45 windows, view batch 16, VAE tiling",
@@ -105,6 +105,7 @@ def main() -> None:
     parser.add_argument("--cap", type=float, default=8.0, help="GiB the peers' allocator is capped at")
     parser.add_argument("--folder", type=Path, default=Path("/tmp/sdrun-bench-sd1"))
     parser.add_argument("--skip-peers", action="store_true")
+    parser.add_argument("--rows", help="comma-separated indexes of the sdrun rows to run [all]")
     args = parser.parse_args()
     steps = 4 if args.quick else args.steps
     if not (args.folder / "model_index.json").is_file():
@@ -116,16 +117,17 @@ def main() -> None:
     rows = [] if args.skip_peers else [(label, result, args.cap) for label, result in peer_rows(args.folder, steps, args.cap)]
     for label, (seconds, peak, _), cap in rows:
         print(f"| {label} | {seconds:.2f} | {peak:.2f} | {cap:g} |", flush=True)
-    for label, extra, cap in SDRUN_ROWS:
+    chosen = [SDRUN_ROWS[int(i)] for i in args.rows.split(",")] if args.rows else SDRUN_ROWS
+    for label, extra, cap in chosen:
         try:
             seconds, peak, render = sdrun_row(args.folder, steps, extra, cap)
         except RuntimeError as error:
             print(f"| {label} | failed: {error} | | {cap:g} |", flush=True)
             continue
         print(f"| {label} | {seconds:.2f} | {peak:.2f} | {cap:g} |", flush=True)
-        for stage, predicted, measured in zip(render["stages"], render["predicted_stage_peaks_gib"],
-                                              render.get("measured_peak_gib") or []):
-            print(f"|   {stage} | | measured {measured:.2f}, predicted {predicted} | |", flush=True)
+        for stage, predicted, measured, seconds in zip(render["stages"], render["predicted_stage_peaks_gib"],
+                                                       render["measured_peak_gib"], render["measured_seconds"]):
+            print(f"|   {stage} | {seconds:.2f} | measured {measured:.2f}, predicted {predicted} | |", flush=True)
         print(f"|   predicted peak {render['predicted_peak_gib']} | | | |", flush=True)
 
 

@@ -207,6 +207,7 @@ def _make(engine, run: RunConfig, plan, chunk: list[Item], summary: Summary, rep
     for item, image in zip(chunk, rendered.images):
         meta = metadata(engine, run, plan, item, rendered.notes)
         meta["render"]["measured_peak_gib"] = rendered.stage_peaks
+        meta["render"]["measured_seconds"] = rendered.stage_seconds
         if rendered.notes.tiled_retry:
             meta["latents_file"] = str(latents_path(item.path))
         output.save_png(image, item.path, meta, overwrite=run.overwrite or run.skip_existing)

@@ -1,6 +1,6 @@
-"""--vae-tiling: decode (and encode) in overlapping tiles, with GroupNorm statistics shared across tiles.
+"""--vae-tiling: decode (and encode) in overlapping tiles, blended at their overlaps.
 
-The decode and encode stages do the tiling (sdrun/tiled_vae.py) with the plan's tile size, so nothing is set on the
+The decode and encode stages do the tiling (render/vae_tiles.py) with the plan's tile size, so nothing is set on the
 pipeline here: the backend carries the options and the memory effect the planner reads.
 """
 
@@ -9,7 +9,7 @@ from sdrun.backends.base import Backend, Option
 BACKEND = Backend(
     name="vae_tiling",
     help="Decode and encode in overlapping tiles: VAE memory stays flat at large sizes (a 4K decode in a few GB "
-    "instead of 21 GiB), no seams or colour shift (tiles share GroupNorm statistics). A slower decode.",
+    "instead of 21 GiB); faint seams or colour shifts between tiles are possible. A slower decode.",
     lowers=("decode",),
     options=(Option("tile_size", "--vae-tiling: tile side in image pixels  [default: 512]", minimum=64),
              Option("tile_overlap", "--vae-tiling: pixels shared by neighbouring tiles  [default: 64]", minimum=0)),

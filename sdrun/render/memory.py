@@ -2,7 +2,7 @@
 
 peak(stage) = weights resident on the GPU during the stage + the stage's activations, where activations are a
 measured number of values per (latent or image) pixel times the pixels in flight. The per-pixel figures were
-measured on an H200 with torch.cuda.max_memory_allocated around each stage (bench/plan_check.py prints predicted
+measured on an H200 with torch.cuda.max_memory_allocated around each stage (bench/render4k.py prints predicted
 beside measured; tests/test_gpu_render.py keeps them within 15%). Weight sizes are the parameter counts of the
 real architectures (configs/), counted on the meta device.
 """
@@ -25,15 +25,17 @@ class Architecture:
     encode_values: float  # VAE encoder, per image pixel
 
 
-# unet_values: SD 1.x at level 0 keeps ~1,700 skip values per latent pixel while a transformer block's GEGLU
-# feed-forward holds 320 -> 2560 -> 1280 -> 320 (about 5,000 more); chunking the feed-forward leaves the skips,
-# attention's q/k/v/out and the residual stream. SDXL has no attention at its full-resolution level.
+# Measured on an H200 (bench/render4k.py, 2026-12-01, SD 1.5, fp16, 3840x2160): the denoise stage peaked at
+# 8,550-9,250 activation values per latent pixel and batch entry (whole canvas at batch 2; 64-latent windows at
+# batches of 16 and 8), 5,600 with the feed-forward chunked; a tiled decode at 1,220 per pixel of one 512-pixel
+# tile plus the float32 result. SD 2.x scales SD 1.x by its narrower heads; SDXL's figures are estimates not yet
+# measured (no attention at its full-resolution level: fewer values per latent pixel).
 ARCHITECTURES = {
     "tiny": Architecture(0.99, 0.66, 1.60, 600, 400, 300, 150),
-    "sd1": Architecture(859.5, 83.7, 123.1, 7000, 4000, 1220, 600),
-    "sd2": Architecture(865.9, 83.7, 340.4, 6400, 3800, 1220, 600),
-    "sd2-v": Architecture(865.9, 83.7, 340.4, 6400, 3800, 1220, 600),
-    "sdxl": Architecture(2567.5, 83.7, 817.7, 5000, 3000, 1220, 600),
+    "sd1": Architecture(859.5, 83.7, 123.1, 8800, 5600, 1220, 600),
+    "sd2": Architecture(865.9, 83.7, 340.4, 8000, 5300, 1220, 600),
+    "sd2-v": Architecture(865.9, 83.7, 340.4, 8000, 5300, 1220, 600),
+    "sdxl": Architecture(2567.5, 83.7, 817.7, 6300, 3800, 1220, 600),
 }
 TEXT_ACTIVATIONS_GIB = 0.05  # the text encoders' forward at 77 tokens: negligible beside everything else
 OFFLOADED_LAYER_SHARE = 0.02  # sequential offload keeps about one layer's weights resident at a time

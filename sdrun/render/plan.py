@@ -230,7 +230,7 @@ def _build(run: RunConfig, job, info: ModelInfo, device: str, sizes: Sizes, sett
 
     def vae_stage(name: str, size: tuple[int, int], tiled: bool) -> StagePlan:
         pixels = size[0] * size[1]
-        work = min(pixels, (settings.vae_tile + 2 * settings.vae_overlap) ** 2) if tiled else pixels
+        work = min(pixels, settings.vae_tile ** 2) if tiled else pixels
         images = 1 if (sliced or tiled) else batch
         activations = memory.vae_gib(arch, work, pixels, images, value_bytes, encode=name == "encode_image")
         return StagePlan(name, *size, tiled=tiled, peak_gib=peak("vae", activations))

@@ -8,14 +8,14 @@ these stages (plan.py). Nothing here writes a file.
 
 import contextlib
 import inspect
+import time
 from dataclasses import dataclass, field
 
 import torch
 from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
 
-from sdrun import tiled_vae
 from sdrun.errors import OutOfMemory, SdrunError
-from sdrun.render import images, sampling
+from sdrun.render import images, sampling, vae_tiles
 from sdrun.render.plan import RenderPlan, StagePlan
 from sdrun.render.tiling import tiled
 from sdrun.schedulers import make_scheduler
@@ -108,7 +108,7 @@ def encode_image(engine, job, step: StagePlan, canvas: Canvas) -> Canvas:
     pixels = canvas.pixels.to(get_module_execution_device(vae), vae.dtype)
     with torch.no_grad():
         if step.tiled:
-            parameters = tiled_vae.encode_tiled(vae, pixels, canvas.plan.vae_tile, canvas.plan.vae_overlap)
+            parameters = vae_tiles.encode(vae, pixels, canvas.plan.vae_tile, canvas.plan.vae_overlap)
         else:
             parameters = vae.encode(pixels).latent_dist.parameters
     mean = parameters[:, : parameters.shape[1] // 2].float()
@@ -231,8 +231,7 @@ def _vae_decode(vae, latents: torch.Tensor, fp32: bool, tiles: tuple[int, int] |
         scaled = scaled.to(get_module_execution_device(vae), torch.float32 if fp32 else dtype)
         with torch.no_grad():
             if tiles is not None:
-                scale = 2 ** (len(vae.config.block_out_channels) - 1)
-                return tiled_vae.decode_tiled(vae, scaled, tiles[0] // scale, tiles[1] // scale)
+                return vae_tiles.decode(vae, scaled, *tiles)
             return vae.decode(scaled, return_dict=False)[0]
     finally:
         if fp32:
@@ -286,19 +285,23 @@ class Rendered:
     images: list  # PIL images, one per seed
     notes: DecodeNotes
     stage_peaks: list[float]  # measured peak GiB of each stage (CUDA only), in plan order
+    stage_seconds: list[float]
 
 
 def render(engine, plan: RenderPlan, job, seeds: list[int], hooks: Hooks = Hooks()) -> Rendered:
     """Run `plan`'s stages for one image per seed and return PIL images."""
     device = engine.device
     canvas = Canvas(plan, [torch.Generator("cpu").manual_seed(seed) for seed in seeds], device, hooks)
-    peaks = []
+    peaks, seconds = [], []
     for step in plan.stages:
+        start = time.perf_counter()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         canvas = STAGES[step.name](engine, job, step, canvas)
         if device.type == "cuda":
+            torch.cuda.synchronize(device)  # once a stage: what each stage costs is part of the plan's record
             peaks.append(round(torch.cuda.max_memory_allocated(device) / 2**30, 3))
+        seconds.append(round(time.perf_counter() - start, 3))
     engine.pipe.maybe_free_model_hooks()
     return Rendered(engine.pipe.image_processor.postprocess(canvas.pixels.float(), output_type="pil"),
-                    canvas.notes, peaks)
+                    canvas.notes, peaks, seconds)
