@@ -64,8 +64,8 @@ def _read_pickle(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         _check_pickle(path)
         data = torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
     # Unpickling garbage fails in many ways (KeyError, EOFError, UnpicklingError, ...): all mean a bad file,
-    # except torch's weights-only refusal to import what the pickle names: "Unsupported global" before torch 2.13,
-    # "unsupported GLOBAL ... is blocked" since.
+    # except torch's weights-only refusal to import what the pickle names, worded "Unsupported global: ..." for a
+    # name off its allowlist and (torch 2.13) "unsupported GLOBAL posix.system whose module posix is blocked".
     except ModelError:
         raise
     except Exception as error:

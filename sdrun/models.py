@@ -251,7 +251,7 @@ def _read_folder_models(folder: Path, torch_dtype: torch.dtype) -> dict:
             if set(file.keys()) != set(model.state_dict()):
                 continue
         model.load_state_dict(checkpoint.read_safetensors(weights, torch_dtype), assign=True)
-        models[name] = model.eval()
+        models[name] = model.to(torch_dtype).eval()  # the weights are in torch_dtype already; buffers may not be
     return models
 
 
@@ -277,21 +277,28 @@ def _family(is_xl: bool, cross_attention_dim: int, prediction_type: str | None) 
     return "sd1"
 
 
-def _load_file(source: ModelSource, torch_dtype: torch.dtype, note) -> tuple[DiffusionPipeline, str]:
+def _load_file(source: ModelSource, torch_dtype: torch.dtype,
+               note: Callable[[str], None]) -> tuple[DiffusionPipeline, str]:
     state = checkpoint.read_state_dict(source.path, torch_dtype)
     family = detect_family(state, source.path)
     config = source.config_dir or CONFIGS / family
     if source.config_dir is not None:
         family = _family_of_config(config)  # the user's config says epsilon or v
-    index = _read_json(config / "model_index.json", CONFIG_FIX)
-    try:
-        models = {name: load_single_file_sub_model(
+
+    def build(name: str, entry: list):
+        return load_single_file_sub_model(
             library_name=entry[0], class_name=entry[1], name=name, checkpoint=state, pipelines=diffusers.pipelines,
             is_pipeline_module=False, cached_model_config_path=str(config), local_files_only=True,
-            torch_dtype=torch_dtype) for name, entry in index.items() if _model_class(entry) is not None}
-        if family == "sd2" and source.config_dir is None:
+            torch_dtype=torch_dtype)
+
+    try:
+        models = {"unet": build("unet", _read_json(config / "model_index.json", CONFIG_FIX)["unet"])}
+        if family == "sd2" and source.config_dir is None:  # the UNet's answer picks the config for the rest
             family = _judge_sd2(models["unet"], source.path.name, note)
             config = CONFIGS / family
+        index = _read_json(config / "model_index.json", CONFIG_FIX)
+        models |= {name: build(name, entry) for name, entry in index.items()
+                   if name != "unet" and _model_class(entry) is not None}
         if family == "sdxl":
             models |= dict(tokenizer=tokenizer(), tokenizer_2=tokenizer("!"))
         else:
@@ -308,8 +315,8 @@ def _load_file(source: ModelSource, torch_dtype: torch.dtype, note) -> tuple[Dif
     return pipe, family
 
 
-def _judge_sd2(unet: UNet2DConditionModel, name: str, note) -> str:
-    """"sd2" or "sd2-v" for a UNet built from the sd2 config, which gets the sd2-v settings if it predicts v."""
+def _judge_sd2(unet: UNet2DConditionModel, name: str, note: Callable[[str], None]) -> str:
+    """"sd2" or "sd2-v" for a UNet built from the sd2 config; it gets the sd2-v UNet settings if it predicts v."""
     family = "sd2-v" if _predicts_v(unet) else "sd2"
     _adopt_unet_config(unet, CONFIGS / family)
     kind, other = ("v-prediction (768 px)", "sd2") if family == "sd2-v" else ("epsilon (512 px)", "sd2-v")

@@ -253,10 +253,10 @@ def tiny_sd2(tmp_path, monkeypatch):
     (configs / "tokenizer").parent.mkdir()
     (configs / "tokenizer").symlink_to(CONFIGS / "tokenizer")
     for family, prediction, sample_size, upcast in (("sd2", "epsilon", 32, False), ("sd2-v", "v_prediction", 48, True)):
-        copy = type(pipe)(**pipe.components | dict(scheduler=DDIMScheduler.from_config(
-            pipe.scheduler.config, prediction_type=prediction)), requires_safety_checker=False)
-        copy.unet.register_to_config(sample_size=sample_size, upcast_attention=upcast)
-        save_config_folder(copy, configs / family)
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type=prediction)
+        pipe.unet.register_to_config(sample_size=sample_size, upcast_attention=upcast)
+        pipe.vae.register_to_config(sample_size=sample_size * 2)
+        save_config_folder(pipe, configs / family)
     monkeypatch.setattr("sdrun.models.CONFIGS", configs)
     return pipe
 
@@ -282,6 +282,7 @@ def test_sd2_prediction_is_judged_by_a_test_step_of_the_unet(tmp_path, tiny_sd2,
     pipe = load_pipeline(resolve_model(str(sd2_file(tiny_sd2, tmp_path, output))), note=notes.append)
     assert pipe.sdrun_family == family and pipe.scheduler.config.prediction_type == prediction
     assert pipe.unet.config.sample_size == sample_size  # the family's native size
+    assert pipe.vae.config.sample_size == sample_size * 2  # the other parts come from the family's config
     upcast = family == "sd2-v"
     assert {m.upcast_attention for m in pipe.unet.modules() if isinstance(m, Attention)} == {upcast}
     assert same_weights(pipe.unet, tiny_sd2.unet)
