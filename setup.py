@@ -88,7 +88,7 @@ setup(
     package_data={"sdrun.configs": ["**/*"], "sdrun.csrc": ["*.h", "*.cuh", "*.cu", "*.cpp"],
                   "sdrun": ["build_info.json"]},
     include_package_data=False,
-    install_requires=["torch>=2.4", "diffusers>=0.32", "transformers>=4.45", "accelerate>=0.33", "safetensors",
+    install_requires=["torch>=2.4", "diffusers>=0.32", "transformers>=4.45", "accelerate>=0.33", "safetensors>=0.8",
                       "click>=8.1", "rich>=13", "pillow>=10", "scipy", "ninja"],  # scipy: LMS sampler; ninja: kernel JIT
     extras_require={"test": ["pytest"]},
     entry_points={"console_scripts": ["sdrun=sdrun.cli:main"]},

@@ -1,12 +1,17 @@
 """Find and load the model behind `--model`: 'tiny', a Hub id, a diffusers folder, or one checkpoint file.
 
 Single checkpoint files (the original Stable Diffusion layout, as CompVis/Stability/A1111 publish them) load with
-no network at all: the family is read from the file's keys and shapes, and diffusers' `from_single_file` gets the
-matching config folder from `configs/` plus the CLIP tokenizer from `configs/tokenizer`, so it never asks the Hub.
+no network at all: the family is read from the file's keys and shapes, and diffusers' single-file converters get
+the matching config folder from `configs/` plus the CLIP tokenizer from `configs/tokenizer`, so they never ask the
+Hub. Whether an SD 2.x file predicts epsilon or v, one test step of its UNet tells (_predicts_v).
+
+Weights are read tensor by tensor straight into the load dtype (sdrun/checkpoint.py), for files and for folders,
+so loading peaks at about the size of the loaded weights in CPU RAM.
 """
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,19 +23,24 @@ import transformers
 transformers.utils.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
 
+import accelerate  # noqa: E402
 import diffusers  # noqa: E402
 from diffusers import (  # noqa: E402
     AutoencoderKL,
     DDIMScheduler,
     DiffusionPipeline,
+    ModelMixin,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
+from diffusers.loaders.single_file import load_single_file_sub_model  # noqa: E402
 from diffusers.loaders.single_file_utils import SingleFileComponentError  # noqa: E402
+from diffusers.models.attention_processor import Attention  # noqa: E402
 from safetensors import SafetensorError, safe_open  # noqa: E402
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, PreTrainedModel  # noqa: E402
 
+from sdrun import checkpoint  # noqa: E402
 from sdrun.errors import ModelError  # noqa: E402
 
 diffusers.utils.logging.set_verbosity_error()
@@ -43,9 +53,14 @@ FAMILIES = ("sd1", "sd2", "sd2-v", "sdxl")
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 HUB_ID = re.compile(r"^[\w][\w.-]*/[\w][\w.-]*$")
 UNET_PREFIX = "model.diffusion_model."
-# The global_step stored in Stability's SD 2.0-base checkpoint, the one epsilon-trained SD 2 model that diffusers
-# tells apart from the v-prediction ones (single_file_utils._legacy_load_scheduler).
-SD2_EPSILON_GLOBAL_STEP = 875000
+JSON_LIMIT = 16 << 20  # CLIP's tokenizer.json, the largest config file a model folder holds, is 2 MB
+# The file save_pretrained writes for one component's weights (unsharded), by the library of the component.
+WEIGHTS_FILES = {"diffusers": "diffusion_pytorch_model.safetensors", "transformers": "model.safetensors"}
+# What diffusers and transformers raise on checkpoints and configs that do not fit (a wrong shape, a missing key,
+# a config value of the wrong type); sdrun words them as one line.
+LOAD_ERRORS = (ValueError, KeyError, IndexError, TypeError, AttributeError, RuntimeError, OSError, SafetensorError)
+FOLDER_FIX = "check that the folder is complete, or save it again with save_pretrained"
+CONFIG_FIX = f"fix it, or pass --config with one of {', '.join(FAMILIES)}"
 
 
 @dataclass(frozen=True)
@@ -57,8 +72,9 @@ class ModelSource:
 
 
 def resolve_model(spec: str, config_dir: str | None = None) -> ModelSource:
-    """Validate without loading anything heavy: 'tiny'; an existing folder with model_index.json; an existing
-    .safetensors/.ckpt/.pt/.pth file; else a Hub id 'org/name'. Raises ModelError with one line naming problem+fix.
+    """Validate without loading anything heavy: 'tiny'; an existing folder with a model_index.json naming a Stable
+    Diffusion pipeline, and config files that parse; an existing .safetensors/.ckpt/.pt/.pth file; else a Hub id
+    'org/name'. Raises ModelError with one line naming problem+fix.
 
     `config_dir` may also name a bundled config (sd1, sd2, sd2-v, sdxl), since users cannot easily find configs/.
     """
@@ -70,6 +86,7 @@ def resolve_model(spec: str, config_dir: str | None = None) -> ModelSource:
         if not (path / "model_index.json").is_file():
             raise ModelError(f"folder '{spec}' is not a diffusers model (no model_index.json): "
                              "pass a folder saved with save_pretrained, or a .safetensors/.ckpt file")
+        _check_folder(path, f"folder '{spec}'", FOLDER_FIX)
         kind = "folder"
     elif path.is_file():
         if path.suffix.lower() not in CHECKPOINT_SUFFIXES:
@@ -94,16 +111,77 @@ def _resolve_config_dir(config_dir: str) -> Path:
     if not (path / "model_index.json").is_file():
         raise ModelError(f"--config folder '{config_dir}' has no model_index.json: pass a diffusers config folder "
                          f"or one of {', '.join(FAMILIES)}")
+    _check_folder(path, f"--config folder '{config_dir}'", CONFIG_FIX)
     return path
 
 
-def load_pipeline(source: ModelSource, torch_dtype: torch.dtype = torch.float32) -> DiffusionPipeline:
+def _check_folder(folder: Path, what: str, fix: str) -> None:
+    """Parse every config file of a diffusers folder and check the pipeline class it names, so that a broken one
+    is reported before anything loads (diffusers fails on them with tracebacks, or loops on none)."""
+    for path in sorted([*folder.glob("*.json"), *folder.glob("*/*.json")]):
+        _read_json(path, fix)
+    _pipeline_class(_read_json(folder / "model_index.json", fix), what)
+
+
+def _read_json(path: Path, fix: str) -> dict:
+    """A config file's JSON object, or ModelError saying what is wrong with the file and `fix`."""
+    try:
+        if path.stat().st_size > JSON_LIMIT:
+            problem = f"is {path.stat().st_size >> 20} MiB, far too large for a config file"
+        else:
+            data = json.loads(path.read_bytes())
+            problem = None if isinstance(data, dict) else f"holds a JSON {type(data).__name__}, not an object"
+    except json.JSONDecodeError as error:
+        problem = f"is not valid JSON ({error.msg} at line {error.lineno} column {error.colno})"
+    except UnicodeDecodeError:
+        problem = "is not UTF-8 text"
+    except RecursionError:
+        problem = "nests too deeply to be a config file"
+    except OSError as error:
+        problem = f"cannot be read ({error.strerror})"
+    if problem:
+        raise ModelError(f"'{path}' {problem}: {fix}")
+    return data
+
+
+def _pipeline_class(index: dict, what: str) -> type:
+    """The Stable Diffusion text-to-image pipeline class a model_index.json names; anything else is refused."""
+    name = index.get("_class_name")
+    cls = _library_class(diffusers, name)
+    if cls is not None and issubclass(cls, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
+        return cls
+    named = f"'{name}'" if isinstance(name, str) else "no class"
+    raise ModelError(f"the model_index.json of {what} names {named} as its pipeline, not a Stable Diffusion "
+                     "text-to-image one: pass an SD 1.x, SD 2.x or SDXL model, or fix its _class_name")
+
+
+def _model_class(entry) -> type | None:
+    """The class of a model_index.json entry ["library", "Class"] that holds weights (a diffusers or transformers
+    model); None for the others (schedulers, tokenizers, empty entries, settings)."""
+    if not (isinstance(entry, list) and len(entry) == 2 and entry[0] in WEIGHTS_FILES):
+        return None
+    cls = _library_class(diffusers if entry[0] == "diffusers" else transformers, entry[1])
+    return cls if cls is not None and issubclass(cls, (ModelMixin, PreTrainedModel)) else None
+
+
+def _library_class(library, name) -> type | None:
+    # diffusers and transformers import their classes lazily, so a name can also fail as an import
+    try:
+        cls = getattr(library, name) if isinstance(name, str) else None
+    except (AttributeError, ImportError, RuntimeError):
+        return None
+    return cls if isinstance(cls, type) else None
+
+
+def load_pipeline(source: ModelSource, torch_dtype: torch.dtype = torch.float32,
+                  note: Callable[[str], None] = lambda message: None) -> DiffusionPipeline:
     """Return a StableDiffusionPipeline or StableDiffusionXLPipeline on the CPU, safety checker off, with
-    `pipe.sdrun_family` set to one of "tiny", "sd1", "sd2", "sd2-v", "sdxl". Errors become ModelError."""
+    `pipe.sdrun_family` set to one of "tiny", "sd1", "sd2", "sd2-v", "sdxl". Errors become ModelError.
+    `note` receives what the user should know about a choice made while loading (SD 2.x epsilon or v)."""
     if source.kind == "tiny":
         pipe, family = build_tiny(torch_dtype), "tiny"
     elif source.kind == "file":
-        pipe, family = _load_file(source, torch_dtype)
+        pipe, family = _load_file(source, torch_dtype, note)
     else:
         pipe = _load_pretrained(source, torch_dtype)
         family = _family_of_pipeline(pipe)
@@ -137,14 +215,16 @@ def _load_pretrained(source: ModelSource, torch_dtype: torch.dtype) -> Diffusion
     kwargs = dict(dtype=torch_dtype, safety_checker=None, requires_safety_checker=False,
                   local_files_only=source.kind == "folder")
     try:
+        if source.kind == "folder":
+            kwargs |= _read_folder_models(source.path, torch_dtype)
         pipe = DiffusionPipeline.from_pretrained(where, **kwargs)
-    except OSError as error:
+    except LOAD_ERRORS as error:
         if source.kind == "hub":
             raise ModelError(f"could not fetch '{source.spec}' from the Hugging Face Hub (no network or no such "
                              "model): download it elsewhere and pass its folder or .safetensors file with "
-                             "--model PATH") from error
+                             "--model PATH, or try sdrun offline with --model tiny") from error
         raise ModelError(f"could not load the diffusers folder '{source.spec}' ({_first_line(error)}): "
-                         "check that the folder is complete, or save it again with save_pretrained") from error
+                         f"{FOLDER_FIX}") from error
     if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
         raise ModelError(f"'{source.spec}' is a {type(pipe).__name__}, not a Stable Diffusion text-to-image "
                          "model: pass an SD 1.x, SD 2.x or SDXL model")
@@ -155,10 +235,15 @@ def file_family(source: ModelSource) -> str:
     """The family of a single checkpoint file, read from its keys and shapes (or its --config folder)."""
     if source.config_dir is not None:
         return _family_of_config(source.config_dir)
-    shapes, global_step = read_checkpoint_shapes(source.path)
-    if not any(key.startswith(UNET_PREFIX) for key in shapes):
-        raise _not_a_checkpoint(source.path)
-    return detect_family(shapes, global_step)
+    if source.path.suffix.lower() == ".safetensors":  # the header's shapes are enough: no tensor is read
+        try:
+            with safe_open(source.path, framework="pt") as file:
+                shapes = {key: tuple(file.get_slice(key).get_shape()) for key in file.keys()}
+        except (SafetensorError, OSError):
+            shapes = checkpoint.read_state_dict(source.path, torch.float16)  # raises the one-line error
+    else:
+        shapes = checkpoint.read_state_dict(source.path, torch.float16)
+    return detect_family(shapes, source.path)
 
 
 def geometry(folder: Path) -> tuple[int, int]:
@@ -179,17 +264,41 @@ def folder_family(folder: Path) -> str:
     return _family_of_config(folder)
 
 
+def _read_folder_models(folder: Path, torch_dtype: torch.dtype) -> dict:
+    """The folder's models (UNet, VAE, text encoders) built empty and filled tensor by tensor in `torch_dtype`.
+    diffusers' own loading memory-maps each weights file and converts from the map, so the file's pages and the
+    converted copy are resident at once (2.9x the loaded weights for an fp32 folder loaded in fp16). Components
+    saved some other way (sharded, .bin, older key names that the libraries rename) are left to diffusers."""
+    models = {}
+    for name, entry in _read_json(folder / "model_index.json", FOLDER_FIX).items():
+        cls = _model_class(entry)
+        weights = folder / name / WEIGHTS_FILES[entry[0]] if cls is not None else None
+        if weights is None or not weights.is_file():
+            continue
+        with accelerate.init_empty_weights():  # parameters on the meta device, buffers real
+            if issubclass(cls, ModelMixin):
+                model = cls.from_config(cls.load_config(folder / name))
+            else:
+                model = cls(cls.config_class.from_pretrained(folder / name))
+        with safe_open(weights, framework="pt") as file:
+            if set(file.keys()) != set(model.state_dict()):
+                continue
+        model.load_state_dict(checkpoint.read_safetensors(weights, torch_dtype), assign=True)
+        models[name] = model.to(torch_dtype).eval()  # the weights are in torch_dtype already; buffers may not be
+    return models
+
+
 def _family_of_pipeline(pipe: DiffusionPipeline) -> str:
     return _family(isinstance(pipe, StableDiffusionXLPipeline), pipe.unet.config.cross_attention_dim,
                    pipe.scheduler.config.get("prediction_type"))
 
 
 def _family_of_config(folder: Path) -> str:
-    def read(name: str) -> dict:  # a part missing here makes from_single_file fail with its own message
-        return json.loads((folder / name).read_text()) if (folder / name).is_file() else {}
+    def read(name: str) -> dict:  # a part missing here makes the loader fail with its own message
+        return _read_json(folder / name, CONFIG_FIX) if (folder / name).is_file() else {}
 
-    return _family(read("model_index.json").get("_class_name") == "StableDiffusionXLPipeline",
-                   read("unet/config.json").get("cross_attention_dim"),
+    cls = _pipeline_class(read("model_index.json"), f"--config folder '{folder}'")
+    return _family(issubclass(cls, StableDiffusionXLPipeline), read("unet/config.json").get("cross_attention_dim"),
                    read("scheduler/scheduler_config.json").get("prediction_type"))
 
 
@@ -201,91 +310,107 @@ def _family(is_xl: bool, cross_attention_dim: int, prediction_type: str | None) 
     return "sd1"
 
 
-def _load_file(source: ModelSource, torch_dtype: torch.dtype) -> tuple[DiffusionPipeline, str]:
-    shapes, global_step = read_checkpoint_shapes(source.path)
-    if not any(key.startswith(UNET_PREFIX) for key in shapes):
-        raise _not_a_checkpoint(source.path)
-    family = detect_family(shapes, global_step)
+def _load_file(source: ModelSource, torch_dtype: torch.dtype,
+               note: Callable[[str], None]) -> tuple[DiffusionPipeline, str]:
+    state = checkpoint.read_state_dict(source.path, torch_dtype)
+    family = detect_family(state, source.path)
     config = source.config_dir or CONFIGS / family
     if source.config_dir is not None:
-        family = _family_of_config(config)  # the user's config knows v-prediction from epsilon; the weights do not
-    if family == "sdxl":
-        cls, components = StableDiffusionXLPipeline, dict(tokenizer=tokenizer(), tokenizer_2=tokenizer("!"))
-    else:
-        pad = "!" if family.startswith("sd2") else None
-        cls, components = StableDiffusionPipeline, dict(tokenizer=tokenizer(pad), safety_checker=None)
+        family = _family_of_config(config)  # the user's config says epsilon or v
+
+    def build(name: str, entry: list):
+        return load_single_file_sub_model(
+            library_name=entry[0], class_name=entry[1], name=name, checkpoint=state, pipelines=diffusers.pipelines,
+            is_pipeline_module=False, cached_model_config_path=str(config), local_files_only=True,
+            torch_dtype=torch_dtype)
+
     try:
-        pipe = cls.from_single_file(str(source.path), config=str(config), local_files_only=True,
-                                    dtype=torch_dtype, **components)
+        models = {"unet": build("unet", _read_json(config / "model_index.json", CONFIG_FIX)["unet"])}
+        if family == "sd2" and source.config_dir is None:  # the UNet's answer picks the config for the rest
+            family = _judge_sd2(models["unet"], source.path.name, note)
+            config = CONFIGS / family
+        index = _read_json(config / "model_index.json", CONFIG_FIX)
+        models |= {name: build(name, entry) for name, entry in index.items()
+                   if name != "unet" and _model_class(entry) is not None}
+        if family == "sdxl":
+            models |= dict(tokenizer=tokenizer(), tokenizer_2=tokenizer("!"))
+        else:
+            models |= dict(tokenizer=tokenizer("!" if family.startswith("sd2") else None), safety_checker=None)
+        pipe = _pipeline_class(index, f"--config folder '{config}'").from_pretrained(
+            str(config), **models, requires_safety_checker=False, local_files_only=True)
     except SingleFileComponentError as error:
         raise ModelError(f"'{source.spec}' lacks weights the pipeline needs ({_first_line(error)}): use a full "
                          "checkpoint that includes the VAE and text encoder") from error
-    except (ValueError, KeyError, RuntimeError, OSError) as error:
+    except LOAD_ERRORS as error:
         raise ModelError(f"could not build a pipeline from '{source.spec}' with the config '{config}' "
                          f"({_first_line(error)}): pass --config with the diffusers config folder that "
-                         "matches this checkpoint") from error
+                         "matches this checkpoint, or download it again if it is damaged") from error
     return pipe, family
 
 
-def read_checkpoint_shapes(path: Path) -> tuple[dict[str, tuple[int, ...]], int | None]:
-    """Key -> shape of every tensor in a checkpoint, plus its training global_step if it stored one.
-    Reads .safetensors headers only; .ckpt files are memory-mapped and unpickled weights-only, never executed."""
-    if path.suffix.lower() == ".safetensors":
-        try:
-            with safe_open(path, framework="pt") as f:
-                return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}, None
-        except (SafetensorError, OSError) as error:
-            raise _unreadable(path) from error
-    try:
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as error:
-            if "mmap" not in str(error):
-                raise
-            data = torch.load(path, map_location="cpu", weights_only=True)  # pre-1.6 pickle format cannot mmap
-    # Unpickling garbage fails in many ways (KeyError, EOFError, UnpicklingError, ...): all mean a bad file,
-    # except torch's weights-only refusal to import a class or function the pickle names ("Unsupported global").
-    except Exception as error:
-        if "Unsupported global" in str(error):
-            raise ModelError(f"'{path}' needs pickled code to load; sdrun loads .ckpt weights-only for safety: "
-                             "convert it to .safetensors") from error
-        raise _unreadable(path) from error
-    if not isinstance(data, dict):
-        raise _not_a_checkpoint(path)
-    global_step = data.get("global_step")
-    while isinstance(data.get("state_dict"), dict):
-        data = data["state_dict"]
-    shapes = {key: tuple(value.shape) for key, value in data.items() if isinstance(value, torch.Tensor)}
-    return shapes, global_step if isinstance(global_step, int) else None
+def _judge_sd2(unet: UNet2DConditionModel, name: str, note: Callable[[str], None]) -> str:
+    """"sd2" or "sd2-v" for a UNet built from the sd2 config; it gets the sd2-v UNet settings if it predicts v."""
+    family = "sd2-v" if _predicts_v(unet) else "sd2"
+    _adopt_unet_config(unet, CONFIGS / family)
+    kind, other = ("v-prediction (768 px)", "sd2") if family == "sd2-v" else ("epsilon (512 px)", "sd2-v")
+    note(f"{name}: an SD 2.x {kind} model, judged by one test step of its UNet; "
+         f"pass --config {other} if its images come out wrong")
+    return family
 
 
-def detect_family(shapes, global_step: int | None = None) -> str:
-    """Tell sd1 / sd2 / sd2-v / sdxl from an original-layout checkpoint's keys and shapes (key -> shape or tensor).
+def _predicts_v(unet: UNet2DConditionModel) -> bool:
+    """Whether an SD 2.x UNet predicts v rather than epsilon, by A1111's test (is_using_v_parameterization_for_sd2):
+    one step at t=999 on a constant latent of 0.5, with a constant context of 0.5.
+
+    At t=999 a latent is all but pure noise (alpha-bar 0.005). An epsilon model predicts that noise, about its
+    input (output - input between 0 and -0.5, as it may read the input's mean as image). A v model predicts
+    sqrt(alpha-bar) * noise - sqrt(1 - alpha-bar) * image, about minus the image it imagines behind the input, a
+    positive one to explain that mean: A1111 finds output - input below -1 for v models, and uses -1 as the line."""
+    config = unet.config
+    sample = torch.full((1, config.in_channels, 8, 8), 0.5, dtype=unet.dtype)
+    context = torch.full((1, 2, config.cross_attention_dim), 0.5, dtype=unet.dtype)
+    with torch.no_grad():
+        prediction = unet(sample, 999, encoder_hidden_states=context, return_dict=False)[0]
+    return (prediction.float() - sample.float()).mean().item() < -1
+
+
+def _adopt_unet_config(unet: UNet2DConditionModel, folder: Path) -> None:
+    """Give a UNet built from one SD 2.x config the other's settings: the sd2 and sd2-v UNets differ only in
+    sample_size (the native size: 512 or 768 px) and upcast_attention, which the attention modules keep."""
+    wanted = UNet2DConditionModel.load_config(folder / "unet")
+    unet.register_to_config(sample_size=wanted["sample_size"], upcast_attention=wanted["upcast_attention"])
+    for module in unet.modules():
+        if isinstance(module, Attention):
+            module.upcast_attention = wanted["upcast_attention"]
+
+
+def detect_family(shapes, path: Path | None = None) -> str:
+    """Tell sd1 / sd2 / sdxl from an original-layout checkpoint's keys and shapes (key -> shape or tensor), read
+    from `path` (named in errors).
 
     SDXL carries a second text encoder under conditioner.embedders.1. SD 2.x cross-attends to 1024-wide OpenCLIP
-    states, SD 1.x to 768 (any other width is SD 1.x-shaped too, like the tiny test models). Weights cannot tell
-    v-prediction from epsilon, so this follows diffusers: SD 2 is v-prediction (the 768 models) unless the file's
-    global_step is 875000, Stability's 512 epsilon base; `--config sd2` fixes a wrong guess.
+    states, SD 1.x to 768 (any other width is SD 1.x-shaped too, like the tiny test models). Whether an SD 2.x
+    model predicts epsilon or v the shapes cannot tell: _predicts_v runs its UNet.
     """
     shapes = {key: tuple(getattr(value, "shape", value)) for key, value in shapes.items()}
-    context_dims = {shape[-1] for key, shape in shapes.items()
-                    if key.startswith(UNET_PREFIX) and key.endswith("attn2.to_k.weight")}
-    if not context_dims:
-        raise _not_a_checkpoint(None)
-    in_channels = shapes.get(UNET_PREFIX + "input_blocks.0.0.weight", (0, 4))[1]
+    what = f"'{path}'" if path else "this checkpoint"
+    conv_in = UNET_PREFIX + "input_blocks.0.0.weight"
+    keys = [key for key in shapes if key.startswith(UNET_PREFIX) and key.endswith("attn2.to_k.weight")]
+    for key, rank in [(conv_in, 4)] * (conv_in in shapes) + [(key, 2) for key in keys]:
+        if len(shapes[key]) != rank:
+            raise ModelError(f"{what} has the tensor '{key}' in the shape {list(shapes[key])}, where a "
+                             f"{rank}-dimensional weight belongs: the file is damaged, download it again")
+    if not keys:
+        raise _not_a_checkpoint(path)
+    in_channels = shapes.get(conv_in, (0, 4))[1]
     if in_channels != 4:
-        raise ModelError(f"this checkpoint's UNet takes {in_channels} input channels (an inpainting or other "
+        raise ModelError(f"{what}'s UNet takes {in_channels} input channels (an inpainting or other "
                          "special model), not 4: pass a text-to-image SD 1.x, SD 2.x or SDXL checkpoint")
     if any(key.startswith("conditioner.embedders.1.") for key in shapes):
         return "sdxl"
-    if context_dims == {1024}:
-        return "sd2" if global_step == SD2_EPSILON_GLOBAL_STEP else "sd2-v"
+    if {shapes[key][-1] for key in keys} == {1024}:
+        return "sd2"
     return "sd1"
-
-
-def _unreadable(path: Path) -> ModelError:
-    # The library's reason (in the chained traceback, SDRUN_DEBUG=1) is often a paragraph or a bare byte value.
-    return ModelError(f"'{path}' is corrupt or truncated, or not a checkpoint: download the checkpoint again")
 
 
 def _not_a_checkpoint(path: Path | None) -> ModelError:

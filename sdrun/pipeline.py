@@ -153,7 +153,7 @@ def load(run: RunConfig, reporter, setup: RunSetup) -> Engine:
     for backend in chosen:
         backend.prepare(device)
     with reporter.status(f"Loading {run.model}"):
-        pipe = models.load_pipeline(source, torch_dtype=backends.load_dtype(chosen))
+        pipe = models.load_pipeline(source, torch_dtype=backends.load_dtype(chosen), note=reporter.note)
         for backend in chosen:
             note = backend.apply(pipe, device)
             if note:

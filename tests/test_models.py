@@ -14,7 +14,8 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers.models.attention_processor import Attention
 from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
                                                   convert_ldm_vae_checkpoint, convert_open_clip_checkpoint)
 from safetensors.torch import save_file
@@ -91,18 +92,18 @@ def test_configs_have_the_published_parameter_counts(family):
 # --- family detection ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("family", "global_step", "expected"), [
-    ("sd1", None, "sd1"),
-    ("sd2-v", None, "sd2-v"),  # SD 2 without a training step: v-prediction, as diffusers guesses
-    ("sd2", 875000, "sd2"),  # Stability's 512 epsilon base records this step
-    ("sdxl", None, "sdxl"),
+@pytest.mark.parametrize(("family", "expected"), [
+    ("sd1", "sd1"),
+    ("sd2", "sd2"),
+    ("sd2-v", "sd2"),  # epsilon or v: the shapes cannot tell, a test step of the UNet does (tests below)
+    ("sdxl", "sdxl"),
 ])
-def test_detect_family_at_real_size(family, global_step, expected):
+def test_detect_family_at_real_size(family, expected):
     unet, _, encoders = meta_models(family)
     shapes = unet_to_original(unet.state_dict(), unet.config)
     if family == "sdxl":
         shapes.update(open_clip_to_original(encoders[1].state_dict(), "conditioner.embedders.1.model."))
-    assert detect_family(shapes, global_step) == expected
+    assert detect_family(shapes) == expected
 
 
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
@@ -179,9 +180,15 @@ def test_single_file_round_trip_is_exact(tmp_path, suffix, open_clip):
         assert same_weights(getattr(pipe, component), getattr(source, component)), component
 
 
-def test_sdxl_single_file_round_trip_is_exact(tmp_path):
+@pytest.mark.parametrize("text_model_level", [True, False])
+def test_sdxl_single_file_round_trip_is_exact(tmp_path, text_model_level):
+    """Also with the first text encoder's keys as diffusers' conversion script writes them under transformers 5."""
     source = tiny_sdxl()
-    save_file(pipeline_to_original(source), tmp_path / "xl.safetensors")
+    state = pipeline_to_original(source)
+    if not text_model_level:
+        prefix = "conditioner.embedders.0.transformer."
+        state = {key.replace(prefix + "text_model.", prefix): value for key, value in state.items()}
+    save_file(state, tmp_path / "xl.safetensors")
     config = save_config_folder(source, tmp_path / "xl-config")
     pipe = load_pipeline(resolve_model(str(tmp_path / "xl.safetensors"), config_dir=str(config)))
     assert type(pipe).__name__ == "StableDiffusionXLPipeline" and pipe.sdrun_family == "sdxl"
@@ -206,6 +213,9 @@ def test_real_size_single_file_loads_with_bundled_configs(tmp_path, family):
     with torch.no_grad():
         for parameter in (p for model in models for p in model.parameters()):
             parameter.normal_(0, 0.02)
+        if family == "sd2-v":  # random weights answer the epsilon-or-v test step like neither: answer as v does
+            unet.conv_out.weight.zero_()
+            unet.conv_out.bias.fill_(-1.0)
     state = unet_to_original(unet.state_dict(), unet.config) | vae_to_original(vae.state_dict(), vae.config)
     if family == "sdxl":
         state |= clip_to_original(encoders[0].state_dict(), "conditioner.embedders.0.transformer.")
@@ -226,6 +236,66 @@ def test_real_size_single_file_loads_with_bundled_configs(tmp_path, family):
 def test_config_names_a_bundled_family(tmp_path):
     save_file({"x": torch.zeros(1)}, tmp_path / "m.safetensors")
     assert resolve_model(str(tmp_path / "m.safetensors"), config_dir="sd2").config_dir == CONFIGS / "sd2"
+
+
+# --- SD 2.x: epsilon or v, judged from the weights ---------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_sd2(tmp_path, monkeypatch):
+    """A toy pipeline whose UNet cross-attends 1024 wide (so its file reads as SD 2.x), and bundled configs whose
+    sd2 and sd2-v folders fit it, as the real ones fit real files. Its text encoder is 32 wide: it loads, but
+    could not generate."""
+    pipe = build_tiny()
+    config = dict(pipe.unet.config) | dict(cross_attention_dim=1024, use_linear_projection=True)
+    pipe.unet = UNet2DConditionModel.from_config(config)
+    configs = tmp_path / "configs"
+    (configs / "tokenizer").parent.mkdir()
+    (configs / "tokenizer").symlink_to(CONFIGS / "tokenizer")
+    for family, prediction, sample_size, upcast in (("sd2", "epsilon", 32, False), ("sd2-v", "v_prediction", 48, True)):
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type=prediction)
+        pipe.unet.register_to_config(sample_size=sample_size, upcast_attention=upcast)
+        pipe.vae.register_to_config(sample_size=sample_size * 2)
+        save_config_folder(pipe, configs / family)
+    monkeypatch.setattr("sdrun.models.CONFIGS", configs)
+    return pipe
+
+
+def sd2_file(pipe, folder: Path, output: float) -> Path:
+    """`pipe` as an SD 2.x single file whose UNet outputs `output` everywhere, whatever its input."""
+    with torch.no_grad():
+        pipe.unet.conv_out.weight.zero_()
+        pipe.unet.conv_out.bias.fill_(output)
+    save_file(pipeline_to_original(pipe, open_clip=True), folder / "sd2.safetensors")
+    return folder / "sd2.safetensors"
+
+
+# The test step feeds a latent of 0.5 at t=999: an epsilon model answers about the input (the noise it sees),
+# a v model about minus the image it imagines behind it, well below -0.5.
+@pytest.mark.parametrize(("output", "family", "prediction", "sample_size"), [
+    (0.5, "sd2", "epsilon", 32),
+    (-1.0, "sd2-v", "v_prediction", 48),
+])
+def test_sd2_prediction_is_judged_by_a_test_step_of_the_unet(tmp_path, tiny_sd2, output, family, prediction,
+                                                            sample_size):
+    notes = []
+    pipe = load_pipeline(resolve_model(str(sd2_file(tiny_sd2, tmp_path, output))), note=notes.append)
+    assert pipe.sdrun_family == family and pipe.scheduler.config.prediction_type == prediction
+    assert pipe.unet.config.sample_size == sample_size  # the family's native size
+    assert pipe.vae.config.sample_size == sample_size * 2  # the other parts come from the family's config
+    upcast = family == "sd2-v"
+    assert {m.upcast_attention for m in pipe.unet.modules() if isinstance(m, Attention)} == {upcast}
+    assert same_weights(pipe.unet, tiny_sd2.unet)
+    kind, other = ("v-prediction", "sd2") if upcast else ("epsilon", "sd2-v")
+    assert len(notes) == 1 and f"an SD 2.x {kind}" in notes[0] and f"--config {other}" in notes[0]
+
+
+@pytest.mark.parametrize("config", ["sd2", "sd2-v"])
+def test_config_overrides_the_sd2_test_step(tmp_path, tiny_sd2, config):
+    notes = []
+    source = resolve_model(str(sd2_file(tiny_sd2, tmp_path, -1.0)), config_dir=config)
+    pipe = load_pipeline(source, note=notes.append)
+    assert pipe.sdrun_family == config and notes == []
 
 
 # --- errors: one line naming the problem and the fix -----------------------------------------------------------
@@ -312,7 +382,7 @@ def test_hub_id_offline():
     with pytest.raises(ModelError, match="could not fetch 'stable-diffusion-v1-5/stable-diffusion-v1-5' from the "
                                          "Hugging Face Hub") as excinfo:
         load_pipeline(source)
-    assert "--model PATH" in message(excinfo)
+    assert "--model PATH" in message(excinfo) and "--model tiny" in message(excinfo)
 
 
 def test_config_only_applies_to_files():
