@@ -8,6 +8,7 @@ import random
 from dataclasses import dataclass, field, fields, replace
 
 from sdrun.errors import UsageError
+from sdrun.output import check_metadata_text
 from sdrun.schedulers import SAMPLERS
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -50,6 +51,7 @@ class RunConfig:
     fail_fast: bool = False
     quiet: bool = False
     json_lines: bool = False
+    allow_outside_output: bool = False  # a prompt file's per-line output may leave the -o folder
     extra: dict = field(default_factory=dict)  # recorded into metadata as is (e.g. what replay changed)
 
 
@@ -57,6 +59,8 @@ def validate(job: Job) -> None:
     """Raise UsageError naming the first bad value of `job` and the fix."""
     if not job.prompt or not job.prompt.strip():
         raise UsageError("the prompt is empty: give the text to draw, e.g. sdrun \"a red fox in snow\"")
+    check_metadata_text("prompt", job.prompt)
+    check_metadata_text("negative prompt", job.negative_prompt or "")
     for name in ("width", "height"):
         value = getattr(job, name)
         if value is not None and (value <= 0 or value % 8):
