@@ -1,3 +1,3 @@
-from sdrun.cli import main
+from sdrun.entry import main
 
 main()

@@ -4,19 +4,22 @@
     items = plan_items(jobs, run)                  # seeds S, S+1, ... and one output path per image
     summary = run_items(run, items, bad, reporter) # load once; a failed item is reported, the rest go on
 
-Exit status, from the summary: 0 all done; 3 some items failed; 4 some failed for lack of GPU memory.
+Exit status, from the summary: 0 all done; 3 some items failed; 4 some failed for lack of GPU memory; 1 the disk
+filled up (the batch stopped there: no later image could be written either).
 """
 
 import json
+import os
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from sdrun import backends, output, pipeline
+from sdrun import backends, output, pipeline, targets
 from sdrun.config import Job, RunConfig, job_from_mapping, job_record, validate, with_seed
 from sdrun.errors import OutOfMemory, OutputError, SdrunError, UsageError
 from sdrun.render.stages import DecodeNotes, DecodeOutOfMemory, Hooks, render
@@ -52,7 +55,8 @@ def read_prompt_file(source: str, defaults: Job) -> tuple[list[tuple[int, Job]],
         text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise UsageError(f"cannot read prompt file {source!r} ({error}): give a readable UTF-8 text file")
-    lines = text.splitlines()
+    # A byte-order mark (Windows editors write one) would hide the JSON format and end up in a prompt
+    lines = [line.removeprefix("\ufeff") for line in text.splitlines()]
     jsonl = source.endswith(".jsonl") or (not source.endswith(".txt") and _first_content(lines).startswith("{"))
     jobs, bad = [], []
     for number, raw in enumerate(lines, start=1):
@@ -89,30 +93,32 @@ def _job_from_json(line: str, defaults: Job) -> Job:
 # ---------------------------------------------------------------------------------------------- planning
 
 def plan_items(jobs: list[tuple[int | None, Job]], run: RunConfig) -> list[Item]:
-    """Give every image a seed and an output path; refuse plans where two images share a path or where a file
-    exists already (unless --overwrite or --skip-existing), before the model is loaded."""
+    """Give every image a seed and an output path; refuse, before the model is loaded, plans where two images
+    share a path, where a prompt file's output leaves the -o folder, or where a file stands in the way. Creates
+    no folder (the first image does), but removes temporaries that killed sdrun writers left in them."""
     jobs = [(line, with_seed(job)) for line, job in jobs]
     several = sum(job.num_images for _, job in jobs) > 1
+    run_template = output.template_for(run.output, several)
+    root = output.fixed_folder(run_template)  # where a prompt-file line's own output goes
     items, index = [], 0
     for line, job in jobs:
-        template = output.template_for(job.output or run.output, several)
+        template = run_template if job.output is None else targets.line_template(line, job, root, several)
         for k in range(job.num_images):
             seed = job.seed + k
-            items.append(Item(job, seed, index, output.render(template, seed, index, job.prompt), line))
+            path = output.render(template, seed, index, job.prompt)
+            if job.output is not None and not run.allow_outside_output:
+                targets.check_inside(line, job, path, root)
+            items.append(Item(job, seed, index, path, line))
             index += 1
     seen = {}
     for item in items:
         if item.path in seen:
             raise UsageError(f"two images would both be written to {item.path}: add {{index}} or {{seed}} to -o")
         seen[item.path] = item
-    existing = [item.path for item in items if item.path.exists()]
-    if existing and not (run.overwrite or run.skip_existing):
-        raise OutputError(
-            f"{existing[0]} already exists ({len(existing)} planned file(s) do): "
-            "pass --skip-existing to keep them or --overwrite to replace them"
-        )
+    targets.refuse_files_in_the_way(items, run)
     for folder in sorted({item.path.parent for item in items}):
-        output.ensure_writable(folder)
+        output.check_writable(folder)
+        output.remove_stale_temporaries(folder)
     return items
 
 
@@ -125,6 +131,7 @@ class Summary:
     skipped: int = 0
     failed: int = 0
     out_of_memory: int = 0
+    disk_full: bool = False  # a write found no space left: the batch stopped, as every later image would fail too
     start: float = field(default_factory=time.perf_counter)
 
     def line(self) -> str:
@@ -133,6 +140,8 @@ class Summary:
 
     @property
     def exit_code(self) -> int:
+        if self.disk_full:
+            return output.DiskFull.exit_code
         if self.out_of_memory:
             return EXIT_OUT_OF_MEMORY
         return EXIT_SOME_FAILED if self.failed else 0
@@ -140,16 +149,17 @@ class Summary:
 
 def run_items(run: RunConfig, items: list[Item], bad_lines: list[BadLine], reporter, planned) -> Summary:
     """Load the model once, then make every item with its job's render plan (`planned[job]`). A failed item is
-    reported and the run goes on, unless --fail-fast. Once generation has started, the summary is printed however
-    the run ends, Ctrl-C included; a model that cannot load ends the run with that one error instead."""
+    reported and the run goes on, unless --fail-fast or the disk is full. Once generation has started, the summary
+    is printed however the run ends, Ctrl-C included; a model that cannot load ends the run with that one error."""
     summary = Summary(total=len(items) + len(bad_lines))
     for bad in bad_lines:
         _fail(summary, reporter, {"line": bad.line}, f"line {bad.line}: {bad.message}")
     todo = []
     for item in items:
-        if run.skip_existing and item.path.exists():
-            summary.skipped += 1
-            reporter.result({"status": "skipped", **_describe(item)})
+        if item.path.is_dir():
+            _fail(summary, reporter, _describe(item), str(output.FolderInTheWay(item.path)))
+        elif run.skip_existing and targets.differs(item, run) is None:
+            _skip(summary, reporter, item)
         else:
             todo.append(item)
     engine = pipeline.load(run, reporter, planned.setup) if todo else None
@@ -157,17 +167,17 @@ def run_items(run: RunConfig, items: list[Item], bad_lines: list[BadLine], repor
         planned.refit(engine)
     try:
         for chunk in _chunks(todo, run.batch_size):
+            if summary.disk_full or (run.fail_fast and summary.failed):
+                break
             try:
                 _make(engine, run, planned[chunk[0].job], chunk, summary, reporter)
-            except (SdrunError, torch.OutOfMemoryError) as error:
+            except Exception as error:  # whatever fails is this chunk's failure; KeyboardInterrupt is no Exception
                 oom = isinstance(error, (OutOfMemory, torch.OutOfMemoryError))
-                message = str(error) if not isinstance(error, torch.OutOfMemoryError) else _denoise_oom(engine, run)
+                message = _failure_message(error, engine, run)
                 for item in chunk:
                     _fail(summary, reporter, _describe(item), message, oom)
                 if oom and engine.device.type == "cuda":
                     torch.cuda.empty_cache()
-                if run.fail_fast:
-                    break
     finally:
         reporter.note(summary.line())
     return summary
@@ -210,11 +220,37 @@ def _make(engine, run: RunConfig, plan, chunk: list[Item], summary: Summary, rep
         meta["render"]["measured_seconds"] = rendered.stage_seconds
         if rendered.notes.tiled_retry:
             meta["latents_file"] = str(latents_path(item.path))
-        output.save_png(image, item.path, meta, overwrite=run.overwrite or run.skip_existing)
+        if not _save(image, item, meta, run, summary, reporter):
+            continue
         summary.done += 1
         reporter.result({"status": "ok", "path": str(item.path), **_describe(item), "steps": job.steps,
                          "width": meta["width"], "height": meta["height"], "seconds": round(timer.seconds / len(chunk), 3),
                          "peak_gpu_memory_gb": peak, "flags": list(engine.flags)})
+
+
+def _save(image, item: Item, meta: dict, run: RunConfig, summary: Summary, reporter) -> bool:
+    """Write one image; when it cannot be written, report that item (the others of its chunk go on) and
+    return False. Never replaces a file without --overwrite, not even under --skip-existing."""
+    try:
+        output.save_png(image, item.path, meta, overwrite=run.overwrite)
+        return True
+    except output.TargetExists as error:  # another run wrote this name since planning
+        if run.skip_existing and targets.differs(item, run) is None:
+            _skip(summary, reporter, item)  # and it is this very image: done, by the other run
+        else:
+            _fail(summary, reporter, _describe(item), str(error))
+    except output.DiskFull as error:
+        summary.disk_full = True
+        _fail(summary, reporter, _describe(item), f"{error}; the batch stopped there: rerun it with --skip-existing "
+              "to finish it")
+    except OutputError as error:
+        _fail(summary, reporter, _describe(item), str(error))
+    return False
+
+
+def _skip(summary: Summary, reporter, item: Item) -> None:
+    summary.skipped += 1
+    reporter.result({"status": "skipped", **_describe(item)})
 
 
 def _describe(item: Item) -> dict:
@@ -229,6 +265,19 @@ def _fail(summary: Summary, reporter, record: dict, message: str, oom: bool = Fa
     summary.out_of_memory += oom
     reporter.error(message)
     reporter.result({"status": "failed", **record, "error": message})
+
+
+def _failure_message(error: Exception, engine, run: RunConfig) -> str:
+    """One line for a failed item. An error sdrun did not foresee keeps its type, and with SDRUN_DEBUG=1 its
+    traceback goes to stderr too (the batch still goes on)."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return _denoise_oom(engine, run)
+    if isinstance(error, SdrunError):
+        return str(error)
+    if os.environ.get("SDRUN_DEBUG") == "1":
+        traceback.print_exception(error)
+    first_line = next(iter(str(error).strip().splitlines()), "")
+    return f"unexpected {type(error).__name__}: {first_line} (SDRUN_DEBUG=1 shows the traceback)"
 
 
 def _denoise_oom(engine, run: RunConfig) -> str:
@@ -282,11 +331,13 @@ def metadata(engine, run: RunConfig, plan, item: Item, notes: DecodeNotes) -> di
 
 
 def latents_path(image_path: Path) -> Path:
-    return image_path.with_name(image_path.stem + ".latents.safetensors")
+    return image_path.with_name(image_path.stem + output.LATENTS_SUFFIX)
 
 
 def save_latents(latents: torch.Tensor, path: Path, meta: dict) -> None:
     """Latents plus the image's metadata, written like a PNG: temporary name, then rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({"latents": latents.detach().to("cpu").contiguous()}, str(tmp), metadata={"sdrun": json.dumps(meta)})
-    tmp.replace(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = output.temporary_file(path)
+    os.close(fd)  # safetensors writes by name
+    save_file({"latents": latents.detach().to("cpu").contiguous()}, tmp, metadata={"sdrun": json.dumps(meta)})
+    os.replace(tmp, path)

@@ -3,7 +3,8 @@
 This layer only turns options into a RunConfig and Jobs, and errors into one line and an exit code:
 
     0    every image was written (or skipped with --skip-existing)
-    1    the run could not start: the model cannot be loaded, the kernel cannot be built, the output is not writable
+    1    the run could not start: the model cannot be loaded, the kernel cannot be built, the output is not writable;
+         or the disk filled up during a batch (it stopped there)
     2    usage error: a bad option value or combination, a bad prompt file; nothing was loaded or written
     3    some items failed (bad prompt-file lines, NaN output, ...); the others were written
     4    out of GPU memory (some items, or the run); the message names flags that lower memory
@@ -15,7 +16,6 @@ commands import what they need when they run.
 
 import dataclasses
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -24,9 +24,8 @@ import click
 from sdrun import __version__, backends
 from sdrun.config import (BY_NAME, DEFAULT_MODEL, DEFAULT_OUTPUT, FIELDS, REPLAY_KEYS, Job, RunConfig, validate,
                           with_seed)
-from sdrun.errors import OutOfMemory, SdrunError, UsageError
+from sdrun.errors import EXIT_INTERRUPTED, OutOfMemory, SdrunError, UsageError
 
-EXIT_INTERRUPTED = 130
 OOM_ADVICE = "out of GPU memory: add --max-vram GB (sdrun picks the settings), --vae-tiling or --model-offload, " \
              "or use a smaller size"
 
@@ -104,7 +103,8 @@ def cli():
       SDRUN_CACHE           where the compiled attention kernel is cached (~/.cache/sdrun)
       SDRUN_SKIP_CUDA_BUILD=1, SDRUN_CUDA_ARCHS, NVCC_THREADS   ahead-of-time kernel build (setup.py)
 
-    Exit codes: 0 done, 1 could not start, 2 usage, 3 some items failed, 4 out of GPU memory, 130 interrupted.
+    Exit codes: 0 done, 1 could not start (or the disk filled up), 2 usage, 3 some items failed, 4 out of GPU
+    memory, 130 interrupted.
     """
 
 
@@ -167,7 +167,10 @@ def run_options(fn):
                      help="Images per denoiser pass (more memory)."),
         click.option("-o", "--output", default=DEFAULT_OUTPUT, show_default=True,
                      help="A .png file, a folder (ending in /), or a template with {seed} {index} {prompt}."),
-        click.option("--skip-existing", is_flag=True, help="Skip images whose file exists: rerun a batch to finish it."),
+        click.option("--skip-existing", is_flag=True, help="Skip images already made with the same settings: rerun a "
+                     "batch to finish it. Any other file at a planned name stops the run (unless --overwrite)."),
+        click.option("--allow-outside-output", is_flag=True,
+                     help="Let a prompt file's per-line output leave the -o folder."),
         click.option("--fail-fast", is_flag=True, help="Stop at the first failed item instead of going on."),
         click.option("--json", "json_lines", is_flag=True,
                      help="One JSON object per image (done, skipped, failed) on stdout."),
@@ -213,13 +216,14 @@ def _jobs(prompt, prompt_file, fail_fast: bool, options: dict):
 @click.option("--dry-run", is_flag=True, help="Print the render plan (stages, predicted peak memory) and stop; "
               "no weights are loaded.")
 def run(prompt, prompt_file, model, config_dir, output, batch_size, device, quiet, overwrite, skip_existing,
-        fail_fast, json_lines, dry_run, **options):
+        allow_outside_output, fail_fast, json_lines, dry_run, **options):
     """Make images from PROMPT (or from --prompt-file). This is the default command."""
     if overwrite and skip_existing:
         raise UsageError("--overwrite and --skip-existing contradict each other: choose one")
     run_config = _run_config(options, model=model, config_dir=config_dir, device=device, output=output,
                              batch_size=batch_size, overwrite=overwrite, skip_existing=skip_existing,
-                             fail_fast=fail_fast, quiet=quiet, json_lines=json_lines)
+                             fail_fast=fail_fast, quiet=quiet, json_lines=json_lines,
+                             allow_outside_output=allow_outside_output)
     jobs, bad_lines = _jobs(prompt, prompt_file, fail_fast, options)
     _generate(run_config, jobs, bad_lines, dry_run)
 
@@ -227,7 +231,7 @@ def run(prompt, prompt_file, model, config_dir, output, batch_size, device, quie
 @cli.command("plan")
 @run_options
 def plan_command(prompt, prompt_file, model, config_dir, output, batch_size, device, quiet, overwrite,
-                 skip_existing, fail_fast, json_lines, **options):
+                 skip_existing, allow_outside_output, fail_fast, json_lines, **options):
     """Print what `sdrun PROMPT [options]` would do, without loading weights: its stages, the predicted peak GPU
     memory of each, and with --max-vram the settings that fit. `--device cuda` predicts a CUDA GPU's plan on any
     machine."""
@@ -312,14 +316,3 @@ def info(selftest):
     from sdrun.info import report
 
     report(selftest)
-
-
-def main() -> None:
-    # A job scheduler or `timeout` stops a batch with SIGTERM: end it like Ctrl-C (finished images complete, the
-    # one in progress absent, the summary printed, exit 130) rather than dying mid-write.
-    signal.signal(signal.SIGTERM, _interrupt)
-    cli.main()
-
-
-def _interrupt(_signum, _frame):
-    raise KeyboardInterrupt

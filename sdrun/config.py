@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, make_dataclass, replace
 from typing import Any, Callable
 
 from sdrun.errors import UsageError
+from sdrun.output import check_metadata_text
 from sdrun.schedulers import SAMPLERS
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -216,6 +217,8 @@ def validate(job) -> None:
         value = getattr(job, f.name)
         if value is not None or not f.optional:
             f.checked(value)
+        if f.kind == "text":
+            check_metadata_text(f.name.replace("_", " "), value)
     if job.seed is not None and job.seed > MAX_SEED - (job.num_images - 1):
         raise UsageError(f"seed {job.seed} is out of range for {job.num_images} image(s) (seeds count up from it): "
                          f"use 0 to {MAX_SEED - (job.num_images - 1)}")
@@ -248,5 +251,6 @@ class RunConfig:
     fail_fast: bool = False
     quiet: bool = False
     json_lines: bool = False
+    allow_outside_output: bool = False  # a prompt file's per-line output may leave the -o folder
     extra: dict = field(default_factory=dict)  # recorded into metadata as is (e.g. what replay changed)
 

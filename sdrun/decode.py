@@ -15,16 +15,20 @@ from sdrun.render.stages import DecodeNotes, decode_latents
 from sdrun.console import Reporter
 from sdrun.errors import OutputError, UsageError
 
-SUFFIX = ".latents.safetensors"
+SUFFIX = output.LATENTS_SUFFIX
 
 
 def decode_file(path: str, target: str | None, device: str, quiet: bool, overwrite: bool, flags: tuple,
                 backend_options: dict) -> Path:
     latents, meta = read_latents(Path(path))
-    image_path = Path(target) if target else Path(path[: -len(SUFFIX)] + ".png")
+    if target:  # -o as in a run: a .png file, a folder, or a template
+        template = output.template_for(target, several=False)
+        image_path = output.render(template, meta.get("seed", 0), 0, str(meta.get("prompt", "")))
+    else:
+        image_path = Path(path[: -len(SUFFIX)] + ".png")
     if image_path.exists() and not overwrite:
         raise OutputError(f"{image_path} already exists: pass --overwrite to replace it, or -o another path")
-    output.ensure_writable(image_path.parent)
+    output.check_writable(image_path.parent)
     run = RunConfig(model=meta["model"], config_dir=meta.get("config_dir"), device=device, flags=flags, quiet=quiet)
     reporter = Reporter(quiet)
     engine = pipeline.load(run, reporter, pipeline.check_run(run))

@@ -4,6 +4,8 @@ The CLI catches `SdrunError` in one place (cli.main) and prints `str(error)` as 
 "set SDRUN_DEBUG=1 for the traceback". Messages name the problem and the fix, in one sentence each.
 """
 
+EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM, at any moment (sdrun.entry during start-up, then cli.SdrunGroup)
+
 
 class SdrunError(Exception):
     """A problem sdrun can explain to the user. `exit_code` is the process exit status it causes."""

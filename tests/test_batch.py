@@ -45,8 +45,11 @@ def test_jsonl_overrides_per_item(sdrun):
     result = sdrun("--prompt-file", "p.jsonl", *TINY, "--seed", "1", "--json", "-o", "out/{prompt}-{seed}.png")
     assert result.exit_code == 0, result
     records = result.records()
-    assert [r["path"] for r in records] == ["fox-10.png", "fox-11.png", str(Path("out/a-whale-1.png"))]
-    assert (meta("fox-11.png")["seed"], meta("fox-11.png")["width"], meta("fox-11.png")["steps"]) == (11, 72, 2)
+    # a line's own output is taken inside the -o folder
+    expected = ("out/fox-10.png", "out/fox-11.png", "out/a-whale-1.png")
+    assert [r["path"] for r in records] == [str(Path(p)) for p in expected]
+    fox = meta("out/fox-11.png")
+    assert (fox["seed"], fox["width"], fox["steps"]) == (11, 72, 2)
     whale = meta("out/a-whale-1.png")
     assert (whale["steps"], whale["guidance"], whale["scheduler"], whale["negative_prompt"], whale["height"]) == (
         3, 2, "euler", "fog", 48)
@@ -278,3 +281,83 @@ def test_the_model_loads_once_for_the_whole_batch(sdrun, monkeypatch):
     result = sdrun("--prompt-file", "p.txt", *TINY, "--seed", "1", "-n", "2")
     assert result.exit_code == 0 and len(result.stdout.splitlines()) == 6
     assert len(loads) == 1
+
+
+# ---------------------------------------------------------------------------------------------- issue 14
+
+def test_an_unexpected_error_fails_only_its_item(sdrun, monkeypatch):
+    real = stages.denoise
+
+    def flaky(engine, job, step, canvas):
+        if job.prompt == "a whale":
+            raise RuntimeError("something sdrun did not foresee\nand its second line")
+        return real(engine, job, step, canvas)
+
+    monkeypatch.setitem(stages.STAGES, "denoise", flaky)
+    Path("p.txt").write_text("a fox\na whale\na heron\n")
+    result = sdrun("--prompt-file", "p.txt", *TINY, "--seed", "1", "--json")
+    assert result.exit_code == 3, result
+    records = {r["line"]: r for r in result.records()}
+    assert {line: r["status"] for line, r in records.items()} == {1: "ok", 2: "failed", 3: "ok"}
+    assert records[2]["error"] == ("unexpected RuntimeError: something sdrun did not foresee "
+                                   "(SDRUN_DEBUG=1 shows the traceback)")
+    assert "2 done, 0 skipped, 1 failed of 3" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_steps_beyond_the_schedulers_limit_fail_their_line_only(sdrun):
+    lines = [{"prompt": "a fox"}, {"prompt": "a whale", "steps": 1001}, {"prompt": "a heron"}]
+    Path("p.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    result = sdrun("--prompt-file", "p.jsonl", *TINY, "--seed", "1", "--json")
+    assert result.exit_code == 3, result
+    assert {r["line"]: r["status"] for r in result.records()} == {1: "ok", 2: "failed", 3: "ok"}
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("source", ["-", "prompts", "p.jsonl"], ids=["stdin", "no-suffix", "jsonl"])
+def test_json_lines_after_a_byte_order_mark_are_read_as_json(sdrun, source):
+    text = '\ufeff{"prompt": "a fox", "seed": 7}\n{"prompt": "a whale", "seed": 9}\n'
+    if source != "-":
+        Path(source).write_text(text, encoding="utf-8")
+    result = sdrun("--prompt-file", source, *TINY, "--json", input=text if source == "-" else None)
+    assert result.exit_code == 0, result
+    assert [(r["prompt"], r["seed"]) for r in result.records()] == [("a fox", 7), ("a whale", 9)]
+
+
+def test_a_byte_order_mark_never_ends_up_in_a_prompt(sdrun):
+    Path("p.txt").write_text("\ufeffa fox\n", encoding="utf-8")
+    result = sdrun("--prompt-file", "p.txt", *TINY, "--seed", "1", "--json")
+    assert result.exit_code == 0 and result.records()[0]["prompt"] == "a fox"
+
+
+@pytest.mark.slow
+def test_two_runs_on_one_folder_write_each_name_once_and_the_loser_reports_it(isolated):
+    """A plain run and a --skip-existing run of one batch, started together: whichever writes a name first wins
+    it; the other reports that name (failed "already exists", or skipped as done) and never replaces it."""
+    names = [f"{index}.png" for index in range(10)]  # enough for both runs to be making images at once
+    Path("p.txt").write_text("\n".join(f"prompt number {i}" for i in range(len(names))))
+    command = [sys.executable, "-m", "sdrun", "--prompt-file", "p.txt", "--model", "tiny", "--steps", "2",
+               "--seed", "1", "-o", "c/{index}.png", "--json"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    runs = {flag: subprocess.Popen(command + list(flag), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   env=env) for flag in ((), ("--skip-existing",))}
+    outcomes = {}  # name -> {run: status}
+    for flag, process in runs.items():
+        stdout, stderr = process.communicate(timeout=300)
+        assert "Traceback" not in stderr, stderr
+        records = [json.loads(line) for line in stdout.splitlines()]
+        if not records:  # refused while planning: every name was there already, written by the other run
+            assert flag == () and process.returncode == 1 and "already exists" in stderr, stderr
+            continue
+        assert sorted(Path(r["path"]).name for r in records) == sorted(names)
+        for record in records:
+            outcomes.setdefault(Path(record["path"]).name, {})[flag] = record
+        lost = [r for r in records if r["status"] != "ok"]
+        if flag:
+            assert all(r["status"] == "skipped" for r in lost) and process.returncode == 0
+        else:
+            assert all(r["status"] == "failed" and "already exists" in r["error"] for r in lost)
+            assert process.returncode == (3 if lost else 0)
+    for name in names:
+        assert [r["status"] for r in outcomes[name].values()].count("ok") == 1, (name, outcomes[name])
+        assert meta(f"c/{name}")["prompt"] == f"prompt number {names.index(name)}"
+    assert sorted(p.name for p in Path("c").iterdir()) == sorted(names)  # and no temporary left

@@ -1,6 +1,11 @@
 """The command line on the tiny model: what users type, what they get, and every bad input (issue 2)."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -236,3 +241,53 @@ def test_debug_env_shows_the_traceback(sdrun, monkeypatch):
     result = sdrun("a fox", *TINY, "--steps", "0")
     assert result.exit_code != 0 and result.exception is not None
     assert type(result.exception).__name__ == "UsageError"
+
+
+ODD_PROMPTS = [
+    (os.fsdecode(b"a \xff fox"), "holds the byte 0xff, which is not UTF-8"),  # what Python makes of such argv
+    ("a\x00fox", "control character U+0000"),
+    ("a fox\x1b[31m", "control character U+001B"),
+]
+
+
+@pytest.mark.parametrize("prompt, message", ODD_PROMPTS, ids=["not-utf8", "nul", "escape"])
+def test_a_prompt_that_image_metadata_cannot_carry_is_refused(sdrun, isolated, prompt, message):
+    result = sdrun(prompt, *TINY)
+    assert result.exit_code == 2, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr
+    assert list(isolated.iterdir()) == []
+
+
+def test_prompt_file_lines_with_control_characters_fail_their_line_only(sdrun):
+    Path("p.jsonl").write_text("\n".join(json.dumps(line) for line in [
+        {"prompt": "a fox"}, {"prompt": "\u0000\u0000"}, {"prompt": "a cat", "negative_prompt": "fog\u0007"},
+        {"prompt": "a tab\tand\na newline are fine"},
+    ]))
+    result = sdrun("--prompt-file", "p.jsonl", *TINY, "--seed", "1", "--json")
+    assert result.exit_code == 3, result
+    assert {r["line"]: r["status"] for r in result.records()} == {1: "ok", 2: "failed", 3: "failed", 4: "ok"}
+    assert "negative prompt holds the control character U+0007" in result.records()[1]["error"]
+
+
+@pytest.mark.slow
+def test_an_interrupt_at_any_moment_of_start_up_is_one_line_and_exit_130(isolated):
+    """Ctrl-C and SIGTERM while torch and diffusers import (seconds), or while the model loads."""
+    command = [sys.executable, "-m", "sdrun", "a fox", "--model", "tiny", "--steps", "500", "-n", "20",
+               "-o", "i/{index}.png"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    moments = (0.2, 1.0, 3.0)
+    cases = [(moment, stop) for moment in moments for stop in (signal.SIGINT, signal.SIGTERM)]
+    started = time.monotonic()
+    processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                 for _ in cases]
+    for (moment, stop), process in zip(cases, processes):
+        time.sleep(max(0.0, started + moment - time.monotonic()))
+        process.send_signal(stop)
+    for (moment, stop), process in zip(cases, processes):
+        _, stderr = process.communicate(timeout=60)
+        lines = stderr.strip().splitlines()
+        assert process.returncode == 130, (moment, stop, stderr)
+        assert "Traceback" not in stderr and lines.count("sdrun: interrupted") == 1, (moment, stop, stderr)
+        # where a slow moment already fell into generation, the batch summary comes first
+        assert lines[-1] == "sdrun: interrupted" and all(" done, " in line for line in lines[:-1]), stderr
