@@ -303,9 +303,7 @@ def decode(latents, output, device, quiet, overwrite, **options):
     """Decode a LATENTS file (.latents.safetensors) that a run saved when it ran out of memory while decoding."""
     from sdrun.decode import decode_file
 
-    given = _run_config(options)
-    decode_file(latents, output, device=device, quiet=quiet, overwrite=overwrite, flags=given.flags,
-                backend_options=given.backend_options)
+    decode_file(latents, output, overwrite, _run_config(options, device=device, quiet=quiet))
 
 
 @cli.command()

@@ -188,9 +188,8 @@ Job = make_dataclass(
                           "default, or a random seed)."},
 )
 
-# Fields a prompt-file line may set (all of them) and those `sdrun replay --set` may change (not the output,
-# which replay takes from -o, nor the image count: replay makes one image).
-PROMPT_FILE_KEYS = tuple(f.name for f in FIELDS)
+# A prompt-file line may set every field; `sdrun replay --set` may change all but the output (replay takes it from
+# -o) and the image count (replay makes one image).
 REPLAY_KEYS = tuple(f.name for f in FIELDS if f.name not in ("output", "num_images"))
 
 

@@ -5,11 +5,12 @@ The latents file carries the image's full metadata, so the same model is loaded 
 """
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
-from sdrun import output, pipeline
+from sdrun import backends, output, pipeline
 from sdrun.config import RunConfig
 from sdrun.render.stages import DecodeNotes, decode_latents
 from sdrun.console import Reporter
@@ -18,8 +19,8 @@ from sdrun.errors import OutputError, UsageError
 SUFFIX = output.LATENTS_SUFFIX
 
 
-def decode_file(path: str, target: str | None, device: str, quiet: bool, overwrite: bool, flags: tuple,
-                backend_options: dict) -> Path:
+def decode_file(path: str, target: str | None, overwrite: bool, given: RunConfig) -> Path:
+    """Decode with the memory flags, their options and --max-vram given on this command line (`given`)."""
     latents, meta = read_latents(Path(path))
     if target:  # -o as in a run: a .png file, a folder, or a template
         template = output.template_for(target, several=False)
@@ -29,11 +30,10 @@ def decode_file(path: str, target: str | None, device: str, quiet: bool, overwri
     if image_path.exists() and not overwrite:
         raise OutputError(f"{image_path} already exists: pass --overwrite to replace it, or -o another path")
     output.check_writable(image_path.parent)
-    run = RunConfig(model=meta["model"], config_dir=meta.get("config_dir"), device=device, flags=flags, quiet=quiet)
-    reporter = Reporter(quiet)
+    run = replace(given, model=meta["model"], config_dir=meta.get("config_dir"))
+    reporter = Reporter(run.quiet)
     engine = pipeline.load(run, reporter, pipeline.check_run(run))
-    tiles = (backend_options.get("tile_size") or 512, backend_options.get("tile_overlap") or 64) \
-        if "vae_tiling" in flags else None
+    tiles = backends.vae_tiles(run.backend_options) if "vae_tiling" in run.flags else None
     notes = DecodeNotes()
     pixels = decode_latents(engine, latents.to(engine.device, engine.pipe.unet.dtype), tiles, notes)
     images = engine.pipe.image_processor.postprocess(pixels.float(), output_type="pil")

@@ -143,13 +143,14 @@ def plan_run(run: RunConfig, jobs: list, predict_only: bool = False) -> RunPlans
 def _plan_jobs(run: RunConfig, setup: RunSetup, info: ModelInfo, jobs: list) -> dict:
     budget = run.max_vram if run.max_vram is not None else device_memory_gib(setup.device)
     return {job: make_plan(run, job, info, setup.device.type,
-                           image_size(job.init_image) if job.init_image else None, budget, backends.ordered)
+                           image_size(job.init_image) if job.init_image else None, budget)
             for job in jobs}
 
 
 def load(run: RunConfig, reporter, setup: RunSetup) -> Engine:
     """Load the model with its backends applied."""
     source, device, chosen = setup.source, setup.device, setup.chosen
+    limit_memory(device, run.max_vram)
     for backend in chosen:
         backend.prepare(device)
     with reporter.status(f"Loading {run.model}"):
@@ -170,17 +171,6 @@ def scheduler_name(engine: Engine, requested: str | None) -> str:
     from sdrun.schedulers import name_of
 
     return requested or name_of(engine.base_scheduler)
-
-
-def peak_memory_gb(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    return round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
 
 
 def limit_memory(device: torch.device, gib: float | None) -> None:

@@ -6,9 +6,11 @@ Markers: `cuda` tests need a CUDA GPU and are skipped without one; `slow` tests 
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from PIL import Image
 
 
 def pytest_configure(config):
@@ -69,3 +71,15 @@ def sdrun():
 
 
 TINY = ("--model", "tiny", "--steps", "2")
+
+
+def pixels(path) -> np.ndarray:
+    """A written PNG as float RGB in 0..1."""
+    with Image.open(path) as image:
+        return np.asarray(image, dtype=np.float32) / 255
+
+
+def meta(path) -> dict:
+    """The sdrun metadata chunk of a written PNG."""
+    with Image.open(path) as image:
+        return json.loads(image.text["sdrun"])

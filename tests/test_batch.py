@@ -12,18 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY
+from conftest import TINY, pixels, meta
 from sdrun.render import sampling, stages
-
-
-def pixels(path) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.asarray(image, dtype=np.float32) / 255
-
-
-def meta(path) -> dict:
-    with Image.open(path) as image:
-        return json.loads(image.text["sdrun"])
 
 
 def test_txt_prompt_file_skips_blanks_and_comments(sdrun):

@@ -12,14 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import TINY
+from conftest import TINY, pixels
 from sdrun.backends import BACKENDS
 from sdrun.schedulers import SAMPLERS
-
-
-def pixels(path) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.asarray(image, dtype=np.float32) / 255
 
 
 def test_help_shows_examples_and_every_flag_with_its_cost(sdrun):

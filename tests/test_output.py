@@ -13,17 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY
+from conftest import TINY, meta
 from sdrun import output
 from sdrun.batch import save_latents
 
 META = {"prompt": "p", "negative_prompt": "", "steps": 1, "sampler": "Euler", "guidance": 1.0, "seed": 1,
         "width": 8, "height": 8, "model_name": "m", "versions": {"sdrun": "0"}}
-
-
-def meta(path) -> dict:
-    with Image.open(path) as image:
-        return json.loads(image.text["sdrun"])
 
 
 def leftovers(folder) -> list[str]:

@@ -1,7 +1,6 @@
 """The render engine on the tiny model, through the real CLI: sdrun's own loop gives diffusers' images, img2img,
 tiled diffusion, hires, the plan and its checks (issue 8)."""
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -9,23 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY
+from conftest import TINY, pixels, meta
 from sdrun import models
 from sdrun.config import Job, RunConfig
 from sdrun.errors import UsageError
 from sdrun.render import plan as render_plan
 from sdrun.render.tiling import Windows, weight_maps
 from sdrun.schedulers import SAMPLERS, make_scheduler
-
-
-def pixels(path) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.asarray(image, dtype=np.float32) / 255
-
-
-def meta(path) -> dict:
-    with Image.open(path) as image:
-        return json.loads(image.text["sdrun"])
 
 
 @pytest.fixture(scope="module")
@@ -157,3 +146,26 @@ def test_max_vram_below_every_setting_is_refused_and_a_fitting_one_adds_settings
     assert fitted.peak_gib <= 4 and {"exact", "fp16", "vae_tiling"} <= set(fitted.added)
     roomy = render_plan.make_plan(RunConfig(max_vram=80, flags=("fp16",)), job, info, "cuda", budget=80)
     assert roomy.added == () and not roomy.chunked_feed_forward
+
+
+def test_memory_saving_settings_give_the_same_prediction(tiny_pipe, monkeypatch):
+    """Chunked feed-forward and guidance halves one after the other are the "exact" settings --max-vram adds first:
+    the denoiser's output must not change beyond rounding."""
+    from sdrun.render import sampling, stages
+
+    unet = tiny_pipe.unet
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 32, 48, generator=generator)
+    cond = sampling.Conditioning(torch.randn(4, 77, unet.config.cross_attention_dim, generator=generator))
+    t = torch.tensor(500)
+    model = sampling.unet_model(unet, cond)
+    with torch.no_grad():
+        batched = sampling.guided(model, cond, 7.5, sequential=False)(x, t)
+        sequential = sampling.guided(model, cond, 7.5, sequential=True)(x, t)
+        monkeypatch.setattr(stages, "FEED_FORWARD_CHUNK", 100)  # its transformer level: 384 tokens, 4 chunks
+        with stages.chunked_feed_forward(unet, True):
+            chunked = sampling.guided(model, cond, 7.5, sequential=True)(x, t)
+        after = sampling.guided(model, cond, 7.5, sequential=False)(x, t)
+    assert torch.allclose(batched, sequential, atol=1e-5) and torch.allclose(batched, chunked, atol=1e-5)
+    assert torch.equal(after, batched)  # the patch is undone
+    assert batched.abs().mean() > 0.01

@@ -72,6 +72,12 @@ def load_dtype(chosen):
     return getattr(torch, names[0]) if names else torch.float32
 
 
+def vae_tiles(options: dict) -> tuple[int, int]:
+    """(tile size, overlap) in image pixels: --tile-size and --tile-overlap, or their defaults."""
+    return (options.get("tile_size") or vae_tiling.TILE_SIZE,
+            options.get("tile_overlap") if options.get("tile_overlap") is not None else vae_tiling.TILE_OVERLAP)
+
+
 def lowering(stage: str, exclude=()) -> list[Backend]:
     """The backends that lower `stage`'s memory ("weights", "denoise", "decode"), less those in `exclude`: the
     out-of-memory advice names them."""

@@ -6,11 +6,13 @@ pipeline here: the backend carries the options and the memory effect the planner
 
 from sdrun.backends.base import Backend, Option
 
+TILE_SIZE, TILE_OVERLAP = 512, 64  # pixels: 64 latents, the SD 1.x VAE's native tile, and 8 latents shared
+
 BACKEND = Backend(
     name="vae_tiling",
     help="Decode and encode in overlapping tiles: VAE memory stays flat at large sizes (a 4K decode in a few GB "
     "instead of 21 GiB); faint seams or colour shifts between tiles are possible. A slower decode.",
     lowers=("decode",),
-    options=(Option("tile_size", "--vae-tiling: tile side in image pixels  [default: 512]", minimum=64),
-             Option("tile_overlap", "--vae-tiling: pixels shared by neighbouring tiles  [default: 64]", minimum=0)),
+    options=(Option("tile_size", f"--vae-tiling: tile side in image pixels  [default: {TILE_SIZE}]", minimum=64),
+             Option("tile_overlap", f"--vae-tiling: pixels shared by neighbouring tiles  [default: {TILE_OVERLAP}]", minimum=0)),
 )

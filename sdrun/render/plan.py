@@ -12,6 +12,7 @@ error, before loading) when even all of them do not.
 import math
 from dataclasses import dataclass, replace
 
+from sdrun import backends
 from sdrun.config import RunConfig
 from sdrun.errors import UsageError
 from sdrun.render import memory
@@ -161,15 +162,14 @@ class Settings:
     vae_overlap: int
 
 
-def make_plan(run: RunConfig, job, info: ModelInfo, device: str, init_size=None, budget: float | None = None,
-              ordered_flags=None) -> RenderPlan:
+def make_plan(run: RunConfig, job, info: ModelInfo, device: str, init_size=None,
+              budget: float | None = None) -> RenderPlan:
     """The plan for one job. `budget` (GiB) is --max-vram, or the GPU's memory when none was given (then only
-    exact settings and the window batch are chosen for it); `ordered_flags` puts backend names in their order."""
-    order = ordered_flags or (lambda names: tuple(names))
+    exact settings and the window batch are chosen for it)."""
     options = run.backend_options
-    settings = Settings(order(run.flags), False, _latents(options.get("window_size"), info),
+    settings = Settings(backends.ordered(run.flags), False, _latents(options.get("window_size"), info),
                         _latents(options.get("window_overlap"), info), options.get("window_batch"),
-                        options.get("tile_size") or 512, options.get("tile_overlap") or 64)
+                        *backends.vae_tiles(options))
     _check_tiles(settings, info)
     sizes = job_sizes(job, info, init_size)
     plan = _build(run, job, info, device, sizes, settings, budget)
@@ -182,7 +182,7 @@ def make_plan(run: RunConfig, job, info: ModelInfo, device: str, init_size=None,
             settings = replace(settings, exact=True)
         elif name not in settings.flags:
             flags = [f for f in settings.flags if not (name == "cpu_offload" and f == "model_offload")]
-            settings = replace(settings, flags=order(flags + [name]))
+            settings = replace(settings, flags=backends.ordered(flags + [name]))
         else:
             continue
         added.append(name)
@@ -235,21 +235,18 @@ def _build(run: RunConfig, job, info: ModelInfo, device: str, sizes: Sizes, sett
         activations = memory.vae_gib(arch, work, pixels, images, value_bytes, encode=name == "encode_image")
         return StagePlan(name, *size, tiled=tiled, peak_gib=peak("vae", activations))
 
+    def unet_peak(area: int, entries: int) -> float | None:
+        return peak("unet", memory.denoise_gib(arch, area, entries, value_bytes, settings.exact))
+
     def denoise_stage(size: tuple[int, int], steps: int, strength: float, tiled: bool) -> StagePlan:
         latent_h, latent_w = size[1] // info.vae_scale, size[0] // info.vae_scale
-        windows = None
-        if tiled:
-            windows = _windows(latent_h, latent_w, settings, info.native_latents,
-                               lambda n: peak("unet", memory.denoise_gib(arch, min(n.size, latent_h) * min(n.size, latent_w),
-                                                                         n.batch * batch * halves, value_bytes,
-                                                                         settings.exact)), budget)
+        windows = _windows(latent_h, latent_w, settings, info.native_latents,
+                           lambda w: unet_peak(w.area, w.batch * batch * halves), budget) if tiled else None
         if windows is not None and windows.count > 1:
-            area, entries = min(windows.size, latent_h) * min(windows.size, latent_w), windows.batch * batch * halves
+            predicted = unet_peak(windows.area, windows.batch * batch * halves)
         else:
-            windows, area, entries = None, latent_h * latent_w, batch * halves
-        activations = memory.denoise_gib(arch, area, entries, value_bytes, settings.exact)
-        return StagePlan("denoise", *size, steps=steps, strength=strength, windows=windows,
-                         peak_gib=peak("unet", activations))
+            windows, predicted = None, unet_peak(latent_h * latent_w, batch * halves)
+        return StagePlan("denoise", *size, steps=steps, strength=strength, windows=windows, peak_gib=predicted)
 
     base, tiled_diffusion = sizes.base, "tiled_diffusion" in settings.flags
     stages = [StagePlan("encode_prompt", *base, peak_gib=peak("text", memory.TEXT_ACTIVATIONS_GIB))]

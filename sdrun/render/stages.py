@@ -20,7 +20,7 @@ from sdrun.render.plan import RenderPlan, StagePlan
 from sdrun.render.tiling import tiled
 from sdrun.schedulers import make_scheduler
 
-FEED_FORWARD_CHUNK = 4096  # tokens per feed-forward call when chunked: 2.5 MB of GEGLU activations per channel width
+FEED_FORWARD_CHUNK = 4096  # tokens per feed-forward call when chunked: at 4K, 1/32 of the full-resolution level
 
 
 class RenderFailed(SdrunError):

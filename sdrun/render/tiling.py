@@ -37,6 +37,11 @@ class Windows:
         return positions(self.width, self.size, self.overlap)
 
     @property
+    def area(self) -> int:
+        """Latent pixels of one window (windows are clipped to the canvas per axis)."""
+        return min(self.size, self.height) * min(self.size, self.width)
+
+    @property
     def count(self) -> int:
         return len(self.rows) * len(self.cols)
 
