@@ -13,6 +13,7 @@ import os
 import sys
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -165,20 +166,27 @@ def run_items(run: RunConfig, items: list[Item], bad_lines: list[BadLine], repor
     engine = pipeline.load(run, reporter, planned.setup) if todo else None
     if engine is not None:
         planned.refit(engine)
+    writer = Writer(run, summary, reporter)
     try:
         for chunk in _chunks(todo, run.batch_size):
             if summary.disk_full or (run.fail_fast and summary.failed):
                 break
             try:
-                _make(engine, run, planned[chunk[0].job], chunk, summary, reporter)
+                finished = _render(engine, run, planned[chunk[0].job], chunk, reporter)
             except Exception as error:  # whatever fails is this chunk's failure; KeyboardInterrupt is no Exception
+                writer.report()  # the images before it are reported first
                 oom = isinstance(error, (OutOfMemory, torch.OutOfMemoryError))
                 message = _failure_message(error, engine, run)
                 for item in chunk:
                     _fail(summary, reporter, _describe(item), message, oom)
                 if oom and engine.device.type == "cuda":
                     torch.cuda.empty_cache()
+                continue
+            writer.report()  # the previous chunk's files, written while this chunk rendered
+            if not summary.disk_full:
+                writer.write(finished)
     finally:
+        writer.close()  # also on Ctrl-C: the images already made are written, complete
         reporter.note(summary.line())
     return summary
 
@@ -195,8 +203,18 @@ def _chunks(items: list[Item], batch_size: int):
         yield chunk
 
 
-def _make(engine, run: RunConfig, plan, chunk: list[Item], summary: Summary, reporter) -> None:
-    """Render one chunk and save its images; only bookkeeping here (render() knows nothing of files)."""
+@dataclass(frozen=True)
+class Finished:
+    """A rendered image ready to be written, with what its JSON line will say."""
+
+    item: Item
+    image: object  # PIL image
+    meta: dict
+    record: dict
+
+
+def _render(engine, run: RunConfig, plan, chunk: list[Item], reporter) -> list[Finished]:
+    """Render one chunk; render() knows nothing of files, so only the bookkeeping of a chunk is here."""
     job = chunk[0].job
     total_steps = sum(stage.calls for stage in plan.stages if stage.name == "denoise")
 
@@ -214,38 +232,77 @@ def _make(engine, run: RunConfig, plan, chunk: list[Item], summary: Summary, rep
             raise OutOfMemory(f"out of GPU memory decoding even in VAE tiles; the latents are saved: decode them "
                               f"later with `sdrun decode {latents_path(chunk[0].path)} --cpu-offload`") from None
     peak = max(rendered.stage_peaks) if rendered.stage_peaks else None
+    finished = []
     for item, image in zip(chunk, rendered.images):
         meta = metadata(engine, run, plan, item, rendered.notes)
         meta["render"]["measured_peak_gib"] = rendered.stage_peaks
         meta["render"]["measured_seconds"] = rendered.stage_seconds
         if rendered.notes.tiled_retry:
             meta["latents_file"] = str(latents_path(item.path))
-        if not _save(image, item, meta, run, summary, reporter):
-            continue
-        summary.done += 1
-        reporter.result({"status": "ok", "path": str(item.path), **_describe(item), "steps": job.steps,
-                         "width": meta["width"], "height": meta["height"], "seconds": round(timer.seconds / len(chunk), 3),
-                         "peak_gpu_memory_gb": peak, "flags": list(engine.flags)})
+        record = {"status": "ok", "path": str(item.path), **_describe(item), "steps": job.steps,
+                  "width": meta["width"], "height": meta["height"], "seconds": round(timer.seconds / len(chunk), 3),
+                  "peak_gpu_memory_gb": peak, "flags": list(engine.flags)}
+        finished.append(Finished(item, image, meta, record))
+    return finished
 
 
-def _save(image, item: Item, meta: dict, run: RunConfig, summary: Summary, reporter) -> bool:
-    """Write one image; when it cannot be written, report that item (the others of its chunk go on) and
-    return False. Never replaces a file without --overwrite, not even under --skip-existing."""
-    try:
-        output.save_png(image, item.path, meta, overwrite=run.overwrite)
-        return True
-    except output.TargetExists as error:  # another run wrote this name since planning
-        if run.skip_existing and targets.differs(item, run) is None:
-            _skip(summary, reporter, item)  # and it is this very image: done, by the other run
+class Writer:
+    """Writes finished images on one background thread, so that PNG encoding (tens of milliseconds an image)
+    overlaps the next chunk's render; each outcome is reported on the main thread, in order, exactly once."""
+
+    NOT_WRITTEN = object()  # the disk filled up before this image's turn: not attempted, not reported
+
+    def __init__(self, run: RunConfig, summary: Summary, reporter):
+        self.run, self.summary, self.reporter = run, summary, reporter
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdrun-writer")
+        self.pending = []  # (finished images, future of their outcomes)
+
+    def write(self, finished: list[Finished]) -> None:
+        self.pending.append((finished, self.pool.submit(self._write_all, finished)))
+
+    def _write_all(self, finished: list[Finished]) -> list:
+        """On the writer thread: the error of each write, or None. Never replaces a file without --overwrite."""
+        outcomes = []
+        for entry in finished:
+            if any(isinstance(outcome, output.DiskFull) for outcome in outcomes):
+                outcomes.append(self.NOT_WRITTEN)
+                continue
+            try:
+                output.save_png(entry.image, entry.item.path, entry.meta, overwrite=self.run.overwrite)
+                outcomes.append(None)
+            except Exception as error:  # reported as this image's failure, on the main thread
+                outcomes.append(error)
+        return outcomes
+
+    def report(self) -> None:
+        """Wait for the queued writes and report each image: done, skipped (another run wrote this very image)
+        or failed."""
+        for finished, future in self.pending:
+            for entry, outcome in zip(finished, future.result()):
+                self._report(entry, outcome)
+        self.pending = []
+
+    def _report(self, entry: Finished, outcome) -> None:
+        summary, reporter, item = self.summary, self.reporter, entry.item
+        if outcome is None:
+            summary.done += 1
+            reporter.result(entry.record)
+        elif outcome is self.NOT_WRITTEN:
+            return
+        elif isinstance(outcome, output.TargetExists) and self.run.skip_existing \
+                and targets.differs(item, self.run) is None:
+            _skip(summary, reporter, item)  # another run wrote this name since planning, and it is this very image
+        elif isinstance(outcome, output.DiskFull):
+            summary.disk_full = True
+            _fail(summary, reporter, _describe(item), f"{outcome}; the batch stopped there: rerun it with "
+                  "--skip-existing to finish it")
         else:
-            _fail(summary, reporter, _describe(item), str(error))
-    except output.DiskFull as error:
-        summary.disk_full = True
-        _fail(summary, reporter, _describe(item), f"{error}; the batch stopped there: rerun it with --skip-existing "
-              "to finish it")
-    except OutputError as error:
-        _fail(summary, reporter, _describe(item), str(error))
-    return False
+            message = str(outcome) if isinstance(outcome, OutputError) else _failure_message(outcome, None, self.run)
+            _fail(summary, reporter, _describe(item), message)
+
+    def close(self) -> None:
+        self.report()
+        self.pool.shutdown()
 
 
 def _skip(summary: Summary, reporter, item: Item) -> None:

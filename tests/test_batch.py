@@ -351,3 +351,35 @@ def test_two_runs_on_one_folder_write_each_name_once_and_the_loser_reports_it(is
         assert [r["status"] for r in outcomes[name].values()].count("ok") == 1, (name, outcomes[name])
         assert meta(f"c/{name}")["prompt"] == f"prompt number {names.index(name)}"
     assert sorted(p.name for p in Path("c").iterdir()) == sorted(names)  # and no temporary left
+
+
+def test_png_writing_overlaps_the_next_render_and_lines_stay_in_order(sdrun, monkeypatch):
+    """Issue 9: an image is encoded and written on the writer thread while the next one renders."""
+    import threading
+    import time as clock
+
+    from sdrun import batch, output
+
+    events = []
+    real_save, real_render = output.save_png, batch.render
+
+    def slow_save(image, path, meta, overwrite):
+        events.append(("save-start", path.name, threading.current_thread().name, clock.perf_counter()))
+        clock.sleep(0.3)
+        real_save(image, path, meta, overwrite)
+        events.append(("save-end", path.name, threading.current_thread().name, clock.perf_counter()))
+
+    def timed_render(*args, **kwargs):
+        events.append(("render-start", None, threading.current_thread().name, clock.perf_counter()))
+        return real_render(*args, **kwargs)
+
+    monkeypatch.setattr(output, "save_png", slow_save)
+    monkeypatch.setattr(batch, "render", timed_render)
+    result = sdrun("a fox", *TINY, "--seed", "1", "-n", "3", "-o", "w/{seed}.png", "--json")
+    assert result.exit_code == 0, result
+    assert [r["seed"] for r in result.records()] == [1, 2, 3]
+    assert {thread for kind, _, thread, _ in events if kind.startswith("save")} == {"sdrun-writer_0"}
+    first_save_end = next(t for kind, name, _, t in events if kind == "save-end" and name == "1.png")
+    second_render = [t for kind, _, _, t in events if kind == "render-start"][1]
+    assert second_render < first_save_end  # the second image rendered while the first was being written
+    assert sorted(p.name for p in Path("w").iterdir()) == ["1.png", "2.png", "3.png"]
