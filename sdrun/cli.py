@@ -306,6 +306,22 @@ def decode(latents, output, device, quiet, overwrite, **options):
     decode_file(latents, output, overwrite, _run_config(options, device=device, quiet=quiet))
 
 
+@cli.command("bench")
+@click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True, envvar="SDRUN_MODEL", show_envvar=True,
+              help="The model to measure (as for `sdrun run`).")
+@click.option("--size", type=FieldValue(BY_NAME["width"]), help="Square image side  [default: the model's].")
+@click.option("--steps", type=FieldValue(BY_NAME["steps"]), default=20, show_default=True, help="Denoising steps.")
+@click.option("--repeats", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Timed images per row (the best counts), after one warm-up image.")
+@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
+def bench_command(model, size, steps, repeats, device):
+    """Measure what each memory/speed flag buys on this GPU: seconds per image and peak memory, beside plain
+    diffusers on the same model."""
+    from sdrun.bench import report
+
+    report(model, device, size, steps, repeats, click.echo)
+
+
 @cli.command()
 @click.option("--selftest/--no-selftest", default=True, show_default=True,
               help="Check the bundled kernel against PyTorch attention on this GPU.")

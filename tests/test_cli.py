@@ -286,3 +286,24 @@ def test_an_interrupt_at_any_moment_of_start_up_is_one_line_and_exit_130(isolate
         assert "Traceback" not in stderr and lines.count("sdrun: interrupted") == 1, (moment, stop, stderr)
         # where a slow moment already fell into generation, the batch summary comes first
         assert lines[-1] == "sdrun: interrupted" and all(" done, " in line for line in lines[:-1]), stderr
+
+
+def test_help_version_and_usage_errors_come_before_torch_is_imported():
+    """Issue 9: the command line answers at once; torch, diffusers and transformers load only to do work."""
+    code = ("import sys\nfrom sdrun.cli import cli\n"
+            "for args in (['--help'], ['--version'], ['run', '--help'], ['plan', '--help'], ['a fox', '-W', '63'],\n"
+            "             ['a fox', '--guidance', 'nan'], ['a fox', '--hires', '4k']):\n"
+            "    try:\n        print('exit', cli.main(args) or 0)\n    except SystemExit as end:\n        print('exit', end.code)\n"
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    lines = done.stdout.strip().splitlines()
+    assert lines[-1] == "[]", done.stdout + done.stderr
+    assert [line for line in lines if line.startswith("exit")] == ["exit 0"] * 4 + ["exit 2"] * 3
+
+
+def test_bench_measures_plain_diffusers_and_each_usable_flag(sdrun):
+    result = sdrun("bench", "--model", "tiny", "--steps", "1", "--repeats", "1", "--size", "64")
+    assert result.exit_code == 0, result
+    rows = {line.split("  ")[0].strip(): line for line in result.stdout.splitlines()[2:]}
+    assert {"diffusers fp32", "sdrun (no flags)", "sdrun --channels-last", "sdrun --vae-tiling"} <= set(rows)
+    assert all(float(line.split()[-2]) > 0 for line in rows.values())
