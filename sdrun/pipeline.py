@@ -137,6 +137,7 @@ def plan_run(run: RunConfig, jobs: list, predict_only: bool = False) -> RunPlans
         setup = check_run(run, predict_only)
         plans = _plan_jobs(run, setup, info, jobs)
     added = (("exact",) if exact and run.max_vram is not None else ()) + tuple(added_flags)
+    plans = {job: replace(plan, added=added) for job, plan in plans.items()}  # what the run added, in the metadata
     return RunPlans(run, setup, info, plans, added)
 
 
