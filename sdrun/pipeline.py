@@ -104,7 +104,8 @@ class RunPlans:
         info = ModelInfo(engine.family, engine.native_size[0], engine.pipe.vae_scale_factor)
         if info != self.info:
             self.info = info
-            self.plans = _plan_jobs(self.run, self.setup, info, list(self.plans))
+            self.plans = {job: replace(plan, added=self.added)
+                          for job, plan in _plan_jobs(self.run, self.setup, info, list(self.plans)).items()}
 
     def describe(self) -> list[str]:
         lines = []
