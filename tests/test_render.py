@@ -169,3 +169,29 @@ def test_memory_saving_settings_give_the_same_prediction(tiny_pipe, monkeypatch)
     assert torch.allclose(batched, sequential, atol=1e-5) and torch.allclose(batched, chunked, atol=1e-5)
     assert torch.equal(after, batched)  # the patch is undone
     assert batched.abs().mean() > 0.01
+
+
+@pytest.fixture(scope="module")
+def sdxl_folder(tmp_path_factory):
+    from sd_layout import tiny_sdxl
+
+    folder = tmp_path_factory.mktemp("sdxl")
+    tiny_sdxl().save_pretrained(folder)
+    return folder
+
+
+def test_sdxl_text_to_image_equals_diffusers_and_hires_refines_at_the_target(sdrun, sdxl_folder):
+    from diffusers import StableDiffusionXLPipeline
+
+    args = ("a red fox", "--model", sdxl_folder, "--steps", "3", "--seed", "5", "-W", "72", "-H", "56")
+    assert sdrun(*args, "--negative-prompt", "blurry", "-o", "xl.png").exit_code == 0
+    pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_folder)
+    pipe.set_progress_bar_config(disable=True)
+    reference = pipe("a red fox", negative_prompt="blurry", num_inference_steps=3, width=72, height=56,
+                     guidance_scale=7.5, output_type="np", generator=torch.Generator().manual_seed(5)).images[0]
+    assert np.abs(pixels("xl.png") - reference).max() <= 1 / 255 + 1e-6
+    result = sdrun("a red fox", "--model", sdxl_folder, "--steps", "2", "--seed", "5", "--hires", "128x96",
+                   "--hires-strength", "0.5", "-o", "xl-hires.png")
+    assert result.exit_code == 0, result
+    with Image.open("xl-hires.png") as image:
+        assert image.size == (128, 96)

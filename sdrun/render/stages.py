@@ -79,19 +79,22 @@ def encode_prompt(engine, job, step: StagePlan, canvas: Canvas) -> Canvas:
         embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
             prompt=job.prompt, device=device, num_images_per_prompt=canvas.count,
             do_classifier_free_guidance=guidance, negative_prompt=negative_prompt)
-        size = (step.height, step.width)
-        projection = pipe.text_encoder_2.config.projection_dim
-        time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=embeds.dtype,
-                                          text_encoder_projection_dim=projection).to(device).repeat(canvas.count, 1)
         if guidance:
-            embeds, pooled, time_ids = (torch.cat([negative, embeds]), torch.cat([negative_pooled, pooled]),
-                                        torch.cat([time_ids, time_ids]))
-        added = {"text_embeds": pooled.to(device), "time_ids": time_ids}
+            embeds, pooled = torch.cat([negative, embeds]), torch.cat([negative_pooled, pooled])
+        added = {"text_embeds": pooled.to(device)}  # prepare_latents adds the size conditioning of each pass
     else:
         embeds, negative = pipe.encode_prompt(job.prompt, device, canvas.count, guidance, negative_prompt)
         embeds, added = (torch.cat([negative, embeds]) if guidance else embeds), None
     canvas.cond = sampling.Conditioning(embeds.to(device), added, 2 if guidance else 1)
     return canvas
+
+
+def _sdxl_time_ids(pipe, step: StagePlan, dtype: torch.dtype, entries: int) -> torch.Tensor:
+    """SDXL's size conditioning (original size, crop, target size) for an image of the stage's size."""
+    size = (step.height, step.width)
+    time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=dtype,
+                                      text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+    return time_ids.repeat(entries, 1)
 
 
 def load_image(engine, job, step: StagePlan, canvas: Canvas) -> Canvas:
@@ -123,6 +126,9 @@ def prepare_latents(engine, job, step: StagePlan, canvas: Canvas) -> Canvas:
     the first kept timestep. Strength 1 is exactly text-to-image, the image ignored."""
     unet, scale = engine.pipe.unet, engine.pipe.vae_scale_factor
     shape = (canvas.count, unet.config.in_channels, step.height // scale, step.width // scale)
+    if canvas.cond.added is not None:  # SDXL: each pass is conditioned on its own size (a --hires refine, larger)
+        time_ids = _sdxl_time_ids(engine.pipe, step, canvas.cond.embeds.dtype, len(canvas.cond.embeds))
+        canvas.cond.added["time_ids"] = time_ids.to(canvas.device)
     noise = randn_tensor(shape, generator=canvas.generators, device=canvas.device, dtype=canvas.cond.embeds.dtype)
     scheduler = make_scheduler(job.scheduler, engine.base_scheduler.config) if job.scheduler \
         else type(engine.base_scheduler).from_config(engine.base_scheduler.config)
