@@ -44,9 +44,9 @@ def test_black_decode_is_redone(monkeypatch):
     real = stages._vae_decode
     calls = []
 
-    def black_once(vae, latents, fp32, tiles):
+    def black_once(vae, latents, fp32, tiles, notes):
         calls.append(fp32)
-        out = real(vae, latents, fp32, tiles)
+        out = real(vae, latents, fp32, tiles, notes)
         return torch.full_like(out, -1.0) if len(calls) == 1 else out
 
     monkeypatch.setattr(stages, "_vae_decode", black_once)
