@@ -23,7 +23,7 @@ HOOK_NAME = "sdrun_fp8_storage"
 COVERED_LAYERS = (torch.nn.Linear, torch.nn.Conv2d)
 # Submodule names (one path component of a layer's name) whose layers keep the compute dtype, per component kind.
 KEPT = {
-    "unet": ("conv_in", "conv_out", "time_embedding", "add_embedding", "class_embedding"),
+    "unet": ("conv_in", "conv_out", "time_embedding", "add_embedding"),
     "text": ("embeddings", "text_projection"),
 }
 

@@ -64,7 +64,7 @@ def _from_file(path: Path, model_config, dtype: torch.dtype) -> AutoencoderKL:
     state = _read(path, dtype, PREFIXES)
     if not state:
         raise ModelError(f"--vae '{path}' holds no VAE weights (no encoder/decoder tensors): {FIX}")
-    config = {**model_config, "force_upcast": False}
+    config = dict(model_config)
     with accelerate.init_empty_weights():
         expected = AutoencoderKL.from_config(config).state_dict().keys()
     if not set(expected) <= set(state):  # not diffusers' key names: the original layout
@@ -73,7 +73,9 @@ def _from_file(path: Path, model_config, dtype: torch.dtype) -> AutoencoderKL:
         except LOAD_ERRORS as error:
             raise ModelError(f"--vae '{path}' is not a VAE in the original layout nor in diffusers' ({error!r}): "
                              f"{FIX}") from error
-    return _filled(config, state, path, dtype, "this model's VAE")
+    vae = _filled(config, state, path, dtype, "this model's VAE")
+    vae.register_to_config(force_upcast=False)  # the model's config speaks for the model's own VAE only
+    return vae
 
 
 def _read(path: Path, dtype: torch.dtype, prefixes: tuple[str, ...]) -> dict:
