@@ -75,7 +75,9 @@ def _error_line(message: str) -> None:
 
 
 def _memory_flags_help() -> str:
-    return "\n".join(f"  {backend.flag:<18}{backend.help.split('. ')[0].rstrip('.')}" for backend in backends.BACKENDS)
+    width = max(len(backend.flag) for backend in backends.BACKENDS) + 1
+    return "\n".join(f"  {backend.flag:<{width}}{backend.help.split('. ')[0].rstrip('.')}"
+                     for backend in backends.BACKENDS)
 
 
 @click.group(cls=SdrunGroup, context_settings={"help_option_names": ["-h", "--help"]},

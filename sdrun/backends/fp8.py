@@ -33,9 +33,10 @@ def apply(pipe, _device):
 
 BACKEND = Backend(
     name="fp8",
-    help="UNet weights stored in 8-bit floats (e4m3), computed in fp16/fp32: the UNet's weights take half the "
-    "memory of fp16 (SDXL: 4.8 -> 2.4 GiB); norms, embeddings, biases and the first and last layers stay in "
-    "higher precision. Images change slightly; storage only (no fp8 matrix products).",
+    help="UNet weights stored in 8-bit floats (e4m3): half the UNet's fp16 memory (SDXL: 4.8 -> 2.4 GiB). Computed "
+    "in the model's dtype (fp16/fp32); norms, embeddings, biases and the first and last layers stay in it. Images "
+    "change slightly (on random SD 1.5 weights, a UNet call's relative error is 0.14, diffusers' layerwise "
+    "casting's 0.16). Storage only: no fp8 matrix products.",
     apply=apply,
     lowers=("weights",),
     extra_reasons=unavailable_reasons,

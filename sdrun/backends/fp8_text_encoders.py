@@ -11,7 +11,7 @@ def apply(pipe, _device):
 BACKEND = Backend(
     name="fp8_text_encoders",
     help="Text encoder weights stored in 8-bit floats (e4m3), as --fp8 does for the UNet (SDXL: 1.5 -> 0.86 GiB "
-    "at fp16); token embeddings and the output projection stay in higher precision. Prompts are followed slightly "
+    "at fp16). Token embeddings and the output projection stay in the model's dtype; prompts are followed slightly "
     "less exactly.",
     apply=apply,
     lowers=("weights",),
