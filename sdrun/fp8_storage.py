@@ -81,7 +81,8 @@ def store_in_fp8(model: torch.nn.Module, kind: str, compute_dtype: torch.dtype) 
 def unavailable_reason(device: torch.device) -> str | None:
     """Why fp8 storage cannot work with this torch on `device`, as a sentence; None when it can."""
     if not hasattr(torch, STORAGE_DTYPE_NAME):
-        return f"--fp8 needs the {STORAGE_DTYPE_NAME} dtype, which torch {torch.__version__} lacks: install torch 2.1 or later"
+        return (f"--fp8 needs the {STORAGE_DTYPE_NAME} dtype, which torch {torch.__version__} lacks: "
+                "install torch 2.1 or later")
     try:
         torch.ones(2, device=device).to(storage_dtype()).to(torch.float32)
     except (RuntimeError, TypeError, NotImplementedError) as error:

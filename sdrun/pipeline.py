@@ -8,8 +8,8 @@ The render itself (stages, denoising loop, decode) is in sdrun/render/; files an
 """
 
 import time
-from pathlib import Path
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 

@@ -65,7 +65,8 @@ def write_unet_only(path):
 
 @pytest.mark.parametrize(("name", "write", "message"), [
     ("broken.safetensors", write_garbage, "--vae: 'broken.safetensors' is corrupt or truncated"),
-    ("wide.safetensors", write_wide_vae, "does not fit this model's VAE: it has 'encoder.conv_out.weight' in the shape [32, 64, 3, 3]"),
+    ("wide.safetensors", write_wide_vae,
+     "does not fit this model's VAE: it has 'encoder.conv_out.weight' in the shape [32, 64, 3, 3]"),
     ("unet.safetensors", write_unet_only, "holds no VAE weights"),
     ("missing.safetensors", None, "--vae 'missing.safetensors' does not exist"),
     ("vae.txt", lambda path: path.write_text("x"), "unknown extension '.txt'"),
