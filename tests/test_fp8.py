@@ -100,9 +100,10 @@ def test_the_planner_fp8_shares_are_the_real_architectures(family):
 
 def test_the_planner_predicts_one_byte_per_stored_parameter():
     arch = memory.ARCHITECTURES["sdxl"]
-    fp16 = memory.Placement("resident", 2, (), "sdxl")
-    fp8 = memory.Placement("resident", 2, ("unet",), "sdxl")
-    both = memory.Placement("resident", 2, ("unet", "text"), "sdxl")
+    shares = memory.FP8_SHARES["sdxl"]
+    fp16 = memory.Placement("resident", 2)
+    fp8 = memory.Placement("resident", 2, {"unet": shares["unet"]})
+    both = memory.Placement("resident", 2, shares)
     unet_saving = arch.unet * 1e6 * memory.FP8_SHARES["sdxl"]["unet"] / memory.GIB
     text_saving = arch.text * 1e6 * memory.FP8_SHARES["sdxl"]["text"] / memory.GIB
     assert memory.weights_gib(arch, fp16, "unet") - memory.weights_gib(arch, fp8, "unet") == pytest.approx(unet_saving)

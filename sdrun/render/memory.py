@@ -7,7 +7,7 @@ beside measured; tests/test_gpu_render.py keeps them within 15%). Weight sizes a
 real architectures (configs/), counted on the meta device.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 GIB = 2**30
 
@@ -59,8 +59,7 @@ class Placement:
 
     mode: str  # "resident" | "model" | "layer"
     weight_bytes: int  # bytes per parameter in the compute dtype: 2 for fp16, 4 for fp32
-    fp8: tuple[str, ...] = ()  # components ("unet", "text") whose covered weights are stored in fp8
-    family: str = "sd1"  # picks FP8_SHARES
+    fp8: dict = field(default_factory=dict)  # component ("unet", "text") -> the share of it stored in fp8
 
 
 def weights_gib(arch: Architecture, placement: Placement, component: str) -> float:
@@ -73,7 +72,7 @@ def weights_gib(arch: Architecture, placement: Placement, component: str) -> flo
 
 
 def _component_gib(sizes: dict, placement: Placement, component: str) -> float:
-    fp8 = FP8_SHARES[placement.family][component] if component in placement.fp8 else 0
+    fp8 = placement.fp8.get(component, 0)
     return sizes[component] * 1e6 * (fp8 * FP8_BYTES + (1 - fp8) * placement.weight_bytes) / GIB
 
 

@@ -217,10 +217,11 @@ def _build(run: RunConfig, job, info: ModelInfo, device: str, sizes: Sizes, sett
            budget: float | None) -> RenderPlan:
     arch = info.arch
     fp16 = "fp16" in settings.flags
-    fp8 = tuple(part for part, flag in (("unet", "fp8"), ("text", "fp8_text_encoders")) if flag in settings.flags)
+    fp8 = {part: memory.FP8_SHARES[info.family][part]
+           for part, flag in (("unet", "fp8"), ("text", "fp8_text_encoders")) if flag in settings.flags}
     placement = memory.Placement("layer" if "cpu_offload" in settings.flags else
                                  "model" if "model_offload" in settings.flags else "resident", 2 if fp16 else 4,
-                                 fp8, info.family)
+                                 fp8)
     value_bytes = 2 if fp16 else 4
     batch = min(run.batch_size, job.num_images)
     halves = 1 if (settings.exact or job.guidance <= 1) else 2
