@@ -374,6 +374,7 @@ def metadata(engine, run: RunConfig, plan, item: Item, notes: DecodeNotes) -> di
         "model_name": engine.model_name,
         "model_family": engine.family,
         "config_dir": engine.config_dir,
+        "vae": run.vae,
         "flags": list(engine.flags),
         "backend_options": dict(run.backend_options),
         "max_vram": run.max_vram,

@@ -31,12 +31,15 @@ CLIP_PREFIXES = ("cond_stage_model.transformer.", "conditioner.embedders.0.trans
 COMPONENT_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.embedders.")
 
 
-def read_state_dict(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The checkpoint's UNet, VAE and text encoder tensors (COMPONENT_PREFIXES), floating-point ones in `dtype`.
+def read_state_dict(path: Path, dtype: torch.dtype,
+                    prefixes: tuple[str, ...] = COMPONENT_PREFIXES) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors under `prefixes` (by default its UNet, VAE and text encoders: COMPONENT_PREFIXES),
+    floating-point ones in `dtype`.
     CLIP text encoder keys get the `text_model.` level they lack when written from transformers 5, whose
     CLIPTextModel has no such level (diffusers' own conversion script writes them so). Raises ModelError for
     files that cannot be read."""
-    state = _read_safetensors(path, dtype) if path.suffix.lower() == ".safetensors" else _read_pickle(path, dtype)
+    safetensors = path.suffix.lower() == ".safetensors"
+    state = _read_safetensors(path, dtype, prefixes) if safetensors else _read_pickle(path, dtype, prefixes)
     for key, value in state.items():
         if value.dim() == 0:
             raise ModelError(f"'{path}' holds a single number where the weight tensor '{key}' belongs: the file "
@@ -52,14 +55,14 @@ def read_safetensors(path: Path, dtype: torch.dtype | None,
         return {key: _cast(file.get_tensor(key), dtype) for key in file.keys() if key.startswith(prefixes)}
 
 
-def _read_safetensors(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _read_safetensors(path: Path, dtype: torch.dtype, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
     try:
-        return read_safetensors(path, dtype, COMPONENT_PREFIXES)
+        return read_safetensors(path, dtype, prefixes)
     except (SafetensorError, OSError) as error:
         raise _unreadable(path) from error
 
 
-def _read_pickle(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _read_pickle(path: Path, dtype: torch.dtype, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
     try:
         _check_pickle(path)
         data = torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
@@ -74,7 +77,7 @@ def _read_pickle(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
                              "you trust its source, convert it to .safetensors (torch.load it with "
                              "weights_only=False, then safetensors.torch.save_file its state_dict)") from error
         raise _unreadable(path) from error
-    return {key: _cast(value, dtype) for key, value in _weights(data).items()}
+    return {key: _cast(value, dtype) for key, value in _weights(data, prefixes).items()}
 
 
 def _check_pickle(path: Path) -> None:
@@ -101,7 +104,7 @@ def _check_pickle(path: Path) -> None:
             raise (_too_large(path) if stream.tell() >= PICKLE_LIMIT else _unreadable(path)) from error
 
 
-def _weights(data) -> dict[str, torch.Tensor]:
+def _weights(data, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
     """The tensors of a loaded pickle under string keys, following "state_dict" nesting a few levels down."""
     if not isinstance(data, dict):
         return {}
@@ -111,7 +114,7 @@ def _weights(data) -> dict[str, torch.Tensor]:
             break
         data = inner
     return {key: value for key, value in data.items()
-            if isinstance(key, str) and key.startswith(COMPONENT_PREFIXES) and isinstance(value, torch.Tensor)}
+            if isinstance(key, str) and key.startswith(prefixes) and isinstance(value, torch.Tensor)}
 
 
 def _is_zip(path: Path) -> bool:

@@ -75,7 +75,9 @@ def _error_line(message: str) -> None:
 
 
 def _memory_flags_help() -> str:
-    return "\n".join(f"  {backend.flag:<18}{backend.help.split('. ')[0].rstrip('.')}" for backend in backends.BACKENDS)
+    width = max(len(backend.flag) for backend in backends.BACKENDS) + 1
+    return "\n".join(f"  {backend.flag:<{width}}{backend.help.split('. ')[0].rstrip('.')}"
+                     for backend in backends.BACKENDS)
 
 
 @click.group(cls=SdrunGroup, context_settings={"help_option_names": ["-h", "--help"]},
@@ -148,6 +150,8 @@ def common_options(fn):
                      help="Where to run; auto picks the GPU when torch sees one."),
         click.option("-q", "--quiet", is_flag=True, help="No progress bars or notes on stderr; errors still show."),
         click.option("--overwrite", is_flag=True, help="Replace existing files (never done otherwise)."),
+        click.option("--vae", type=click.Path(), help="A separate VAE in place of the model's: a .safetensors/.ckpt "
+                     "file or a diffusers VAE folder (e.g. SDXL's fp16-fix VAE, which decodes in fp16)."),
     ]):
         fn = option(fn)
     return memory_options(fn)
@@ -190,7 +194,8 @@ def _run_config(options: dict, **fixed) -> RunConfig:
                 if backend.name not in flags:
                     raise UsageError(f"{option.flag} needs {backend.flag}: add {backend.flag}, or drop {option.flag}")
                 backend_options[option.name] = value
-    return RunConfig(flags=flags, backend_options=backend_options, max_vram=options.pop("max_vram", None), **fixed)
+    return RunConfig(flags=flags, backend_options=backend_options, max_vram=options.pop("max_vram", None),
+                     vae=options.pop("vae", None), **fixed)
 
 
 def _jobs(prompt, prompt_file, fail_fast: bool, options: dict):
@@ -287,7 +292,8 @@ def replay(image, changes, output, device, quiet, overwrite, **options):
     given = _run_config(options)
     flags = tuple(dict.fromkeys(meta["flags"] + list(given.flags)))
     target = output or str(Path(image).with_name(Path(image).stem + "-replay.png"))
-    run_config = RunConfig(model=model, config_dir=meta.get("config_dir"), device=device, flags=flags,
+    run_config = RunConfig(model=model, config_dir=meta.get("config_dir"), vae=given.vae or meta.get("vae"),
+                           device=device, flags=flags,
                            backend_options={**meta.get("backend_options", {}), **given.backend_options},
                            max_vram=given.max_vram or meta.get("max_vram"), output=target,
                            batch_size=meta.get("batch_size", 1), overwrite=overwrite, quiet=quiet,

@@ -239,6 +239,7 @@ class RunConfig:
 
     model: str = DEFAULT_MODEL
     config_dir: str | None = None  # a diffusers config folder for a single-file checkpoint (overrides detection)
+    vae: str | None = None  # --vae: a separate VAE file or folder in place of the model's
     device: str = "auto"  # auto | cuda | cpu
     flags: tuple[str, ...] = ()  # backend names the user asked for (--vae-tiling -> "vae_tiling")
     backend_options: dict = field(default_factory=dict)  # option name -> value, for the backends' own options

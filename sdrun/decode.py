@@ -30,7 +30,7 @@ def decode_file(path: str, target: str | None, overwrite: bool, given: RunConfig
     if image_path.exists() and not overwrite:
         raise OutputError(f"{image_path} already exists: pass --overwrite to replace it, or -o another path")
     output.check_writable(image_path.parent)
-    run = replace(given, model=meta["model"], config_dir=meta.get("config_dir"))
+    run = replace(given, model=meta["model"], config_dir=meta.get("config_dir"), vae=given.vae or meta.get("vae"))
     reporter = Reporter(run.quiet)
     engine = pipeline.load(run, reporter, pipeline.check_run(run))
     tiles = backends.vae_tiles(run.backend_options) if "vae_tiling" in run.flags else None

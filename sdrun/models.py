@@ -119,11 +119,11 @@ def _check_folder(folder: Path, what: str, fix: str) -> None:
     """Parse every config file of a diffusers folder and check the pipeline class it names, so that a broken one
     is reported before anything loads (diffusers fails on them with tracebacks, or loops on none)."""
     for path in sorted([*folder.glob("*.json"), *folder.glob("*/*.json")]):
-        _read_json(path, fix)
-    _pipeline_class(_read_json(folder / "model_index.json", fix), what)
+        read_json(path, fix)
+    _pipeline_class(read_json(folder / "model_index.json", fix), what)
 
 
-def _read_json(path: Path, fix: str) -> dict:
+def read_json(path: Path, fix: str) -> dict:
     """A config file's JSON object, or ModelError saying what is wrong with the file and `fix`."""
     try:
         if path.stat().st_size > JSON_LIMIT:
@@ -270,7 +270,7 @@ def _read_folder_models(folder: Path, torch_dtype: torch.dtype) -> dict:
     converted copy are resident at once (2.9x the loaded weights for an fp32 folder loaded in fp16). Components
     saved some other way (sharded, .bin, older key names that the libraries rename) are left to diffusers."""
     models = {}
-    for name, entry in _read_json(folder / "model_index.json", FOLDER_FIX).items():
+    for name, entry in read_json(folder / "model_index.json", FOLDER_FIX).items():
         cls = _model_class(entry)
         weights = folder / name / WEIGHTS_FILES[entry[0]] if cls is not None else None
         if weights is None or not weights.is_file():
@@ -295,7 +295,7 @@ def _family_of_pipeline(pipe: DiffusionPipeline) -> str:
 
 def _family_of_config(folder: Path) -> str:
     def read(name: str) -> dict:  # a part missing here makes the loader fail with its own message
-        return _read_json(folder / name, CONFIG_FIX) if (folder / name).is_file() else {}
+        return read_json(folder / name, CONFIG_FIX) if (folder / name).is_file() else {}
 
     cls = _pipeline_class(read("model_index.json"), f"--config folder '{folder}'")
     return _family(issubclass(cls, StableDiffusionXLPipeline), read("unet/config.json").get("cross_attention_dim"),
@@ -325,11 +325,11 @@ def _load_file(source: ModelSource, torch_dtype: torch.dtype,
             torch_dtype=torch_dtype)
 
     try:
-        models = {"unet": build("unet", _read_json(config / "model_index.json", CONFIG_FIX)["unet"])}
+        models = {"unet": build("unet", read_json(config / "model_index.json", CONFIG_FIX)["unet"])}
         if family == "sd2" and source.config_dir is None:  # the UNet's answer picks the config for the rest
             family = _judge_sd2(models["unet"], source.path.name, note)
             config = CONFIGS / family
-        index = _read_json(config / "model_index.json", CONFIG_FIX)
+        index = read_json(config / "model_index.json", CONFIG_FIX)
         models |= {name: build(name, entry) for name, entry in index.items()
                    if name != "unet" and _model_class(entry) is not None}
         if family == "sdxl":

@@ -9,10 +9,11 @@ The render itself (stages, denoising loop, decode) is in sdrun/render/; files an
 
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 
-from sdrun import backends, models
+from sdrun import backends, models, vae_file
 from sdrun.config import RunConfig
 from sdrun.errors import UsageError
 from sdrun.render.images import image_size
@@ -45,6 +46,7 @@ class RunSetup:
     source: models.ModelSource
     device: torch.device
     chosen: tuple  # Backend objects
+    vae: Path | None = None  # --vae: a separate VAE, checked
 
 
 def resolve_device(name: str) -> torch.device:
@@ -60,15 +62,17 @@ def check_run(run: RunConfig, predict_only: bool = False) -> RunSetup:
     `predict_only` (`sdrun plan --device cuda`) the device and flags are taken as given, for a plan of what a
     CUDA GPU would do, on any machine."""
     source = models.resolve_model(run.model, run.config_dir)
+    vae = vae_file.resolve(run.vae)
     chosen = backends.select(run.flags)
     if predict_only:
-        return RunSetup(source, torch.device("cuda" if run.device == "cuda" else resolve_device(run.device)), chosen)
+        device = torch.device("cuda" if run.device == "cuda" else resolve_device(run.device))
+        return RunSetup(source, device, chosen, vae)
     device = resolve_device(run.device)
     backends.check(chosen, device)
     if run.max_vram is not None and device.type != "cuda":
         raise UsageError("--max-vram limits GPU memory, but this run is on the CPU: drop --max-vram, or run where "
                          "torch sees a CUDA GPU (`sdrun plan --device cuda --max-vram GB` predicts it anywhere)")
-    return RunSetup(source, device, chosen)
+    return RunSetup(source, device, chosen, vae)
 
 
 def model_info(source: models.ModelSource) -> ModelInfo:
@@ -157,6 +161,8 @@ def load(run: RunConfig, reporter, setup: RunSetup) -> Engine:
         backend.prepare(device)
     with reporter.status(f"Loading {run.model}"):
         pipe = models.load_pipeline(source, torch_dtype=backends.load_dtype(chosen), note=reporter.note)
+        if setup.vae is not None:
+            vae_file.replace_vae(pipe, setup.vae, backends.load_dtype(chosen))
         for backend in chosen:
             note = backend.apply(pipe, device)
             if note:

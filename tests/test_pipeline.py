@@ -1,4 +1,6 @@
-"""Decode rules of the decode stage, called directly: which VAEs are upcast to fp32, and the NaN/black retry."""
+"""Decode rules of the decode stage, called directly: which VAEs are upcast to fp32 up front (SDXL's own, whose
+config says force_upcast: it gives NaN in fp16 on real images), which decode in fp16 with only the overflowing
+calls or tiles redone in fp32 (the rest: SD 1.x/2.x, SDXL's fp16-fix VAE, a --vae file), and the black retry."""
 
 import numpy as np
 import pytest
@@ -40,13 +42,63 @@ def test_other_fp16_vaes_decode_in_fp16(family):
     assert not notes.vae_fp32 and not notes.nan_retry
 
 
+def test_an_sdxl_vae_whose_config_drops_force_upcast_decodes_in_fp16():
+    """The fp16-fix VAE's config says force_upcast false: it decodes in fp16, at half the fp32 decode's memory."""
+    fixed = engine("sdxl", torch.float16)
+    fixed.pipe.vae.register_to_config(force_upcast=False)
+    _, notes = decode(fixed)
+    assert not notes.vae_fp32 and not notes.nan_retry
+
+
+def test_a_vae_file_has_no_force_upcast_of_its_own(tmp_path):
+    """A single VAE file has no config: it takes the model's, but is tried in fp16 (sdrun/vae_file.py)."""
+    from safetensors.torch import save_file
+
+    from sdrun.vae_file import replace_vae
+
+    pipe = models.build_tiny()
+    assert pipe.vae.config.force_upcast
+    save_file({key: value.contiguous() for key, value in pipe.vae.state_dict().items()}, tmp_path / "vae.safetensors")
+    replace_vae(pipe, tmp_path / "vae.safetensors", torch.float16)
+    assert not pipe.vae.config.force_upcast and pipe.vae.dtype == torch.float16
+
+
+def overflowing_engine():
+    """The tiny engine with a decoder whose first convolution overflows fp16 on latents of 500 (not in fp32)."""
+    full = engine("sd1", torch.float32)
+    with torch.no_grad():
+        full.pipe.vae.decoder.conv_in.weight.mul_(100)
+    return full
+
+
+def test_only_the_tiles_that_overflow_in_fp16_are_redone_in_fp32():
+    latents = LATENTS.clone()
+    latents[:, :, :8, :8] = 500  # inside the first of four 64-pixel tiles only
+    tiles = (64, 16)
+    overflowing = overflowing_engine()
+    reference = stages.decode_latents(overflowing, latents, tiles, stages.DecodeNotes())
+    overflowing.pipe.vae.to(torch.float16)
+    dtypes = []
+    conv_in = overflowing.pipe.vae.decoder.conv_in
+    hook = conv_in.register_forward_pre_hook(lambda module, _args: dtypes.append(module.weight.dtype))
+    notes = stages.DecodeNotes()
+    try:
+        pixels = stages.decode_latents(overflowing, latents, tiles, notes)
+    finally:
+        hook.remove()
+    assert dtypes == [torch.float16, torch.float32] + [torch.float16] * 3  # tile 1 twice, the others once
+    assert notes.vae_fp32 and notes.nan_retry and pixels.dtype == torch.float16
+    assert overflowing.pipe.vae.dtype == torch.float16
+    assert (pixels.float() - reference).abs().max() < 0.01  # as the fp32 decode, to fp16 rounding
+
+
 def test_black_decode_is_redone(monkeypatch):
     real = stages._vae_decode
     calls = []
 
-    def black_once(vae, latents, fp32, tiles):
+    def black_once(vae, latents, fp32, tiles, notes):
         calls.append(fp32)
-        out = real(vae, latents, fp32, tiles)
+        out = real(vae, latents, fp32, tiles, notes)
         return torch.full_like(out, -1.0) if len(calls) == 1 else out
 
     monkeypatch.setattr(stages, "_vae_decode", black_once)

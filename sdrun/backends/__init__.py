@@ -4,11 +4,14 @@ Order, and why:
 1. fp16           a load-time dtype: it must be known before the weights are read.
 2. channels_last  changes the weights' memory format; offload hooks must wrap the final tensors.
 3. xformers       swaps attention processors on the modules; offload hooks must wrap the final modules.
-4. vae_slicing    VAE settings: independent of placement.
-5. vae_tiling     render settings only (the decode stage tiles, the denoise stage windows): nothing on the
-6. tiled_diffusion  pipeline, so their place in the order is free; they sit with the other render settings.
-7. cpu_offload    placement: installs accelerate hooks and moves the model itself, instead of pipe.to(device);
-8. model_offload  so the offloads come last (diffusers: enable_model_cpu_offload moves the pipeline to CPU).
+4. fp8          the weights' storage dtype, after the layout (fp8 casts keep it) and the attention processors
+5. fp8_text_encoders  (xformers reads the weights' dtype to pick its compute dtype), and before the offloads:
+                 their hooks must wrap the final fp8 tensors, and sequential offload then moves 1 byte a weight.
+6. vae_slicing    VAE settings: independent of placement.
+7. vae_tiling     render settings only (the decode stage tiles, the denoise stage windows): nothing on the
+8. tiled_diffusion  pipeline, so their place in the order is free; they sit with the other render settings.
+9. cpu_offload    placement: installs accelerate hooks and moves the model itself, instead of pipe.to(device);
+10. model_offload so the offloads come last (diffusers: enable_model_cpu_offload moves the pipeline to CPU).
 
 No torch import here: the CLI reads this registry to build its options before torch loads.
 """
@@ -16,6 +19,8 @@ No torch import here: the CLI reads this registry to build its options before to
 from sdrun.backends import (
     channels_last,
     cpu_offload,
+    fp8,
+    fp8_text_encoders,
     fp16,
     model_offload,
     tiled_diffusion,
@@ -27,8 +32,8 @@ from sdrun.backends.base import Backend
 from sdrun.errors import BackendUnavailable, UsageError
 
 BACKENDS: tuple[Backend, ...] = tuple(
-    module.BACKEND for module in (fp16, channels_last, xformers, vae_slicing, vae_tiling, tiled_diffusion, cpu_offload,
-                                   model_offload)
+    module.BACKEND for module in (fp16, channels_last, xformers, fp8, fp8_text_encoders, vae_slicing, vae_tiling,
+                                   tiled_diffusion, cpu_offload, model_offload)
 )
 BY_NAME = {backend.name: backend for backend in BACKENDS}
 

@@ -7,7 +7,7 @@ beside measured; tests/test_gpu_render.py keeps them within 15%). Weight sizes a
 real architectures (configs/), counted on the meta device.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 GIB = 2**30
 
@@ -37,6 +37,18 @@ ARCHITECTURES = {
     "sd2-v": Architecture(865.9, 83.7, 340.4, 8000, 5300, 1220, 600),
     "sdxl": Architecture(2567.5, 83.7, 817.7, 6300, 3800, 1220, 600),
 }
+# The share of each component's parameters that --fp8 (UNet) and --fp8-text-encoders store in 1 byte: the
+# weights of their linear and convolution layers less those kept in higher precision (sdrun/fp8_storage.py),
+# counted on the meta device from configs/ (tests/test_fp8.py counts them again). Norms and embedding tables are
+# the rest: SD 1.x's CLIP keeps its 38M-entry token table, 31% of the encoder.
+FP8_SHARES = {
+    "tiny": {"unet": 0.9674, "text": 0.0102},
+    "sd1": {"unet": 0.9971, "text": 0.6902},
+    "sd2": {"unet": 0.9971, "text": 0.8502},
+    "sd2-v": {"unet": 0.9971, "text": 0.8502},
+    "sdxl": {"unet": 0.9965, "text": 0.8733},
+}
+FP8_BYTES = 1
 TEXT_ACTIVATIONS_GIB = 0.05  # the text encoders' forward at 77 tokens: negligible beside everything else
 OFFLOADED_LAYER_SHARE = 0.02  # sequential offload keeps about one layer's weights resident at a time
 
@@ -46,19 +58,22 @@ class Placement:
     """How weights sit on the GPU: all resident, one model at a time (model offload), or one layer at a time."""
 
     mode: str  # "resident" | "model" | "layer"
-    weight_bytes: int  # bytes per parameter: 2 for fp16, 4 for fp32
+    weight_bytes: int  # bytes per parameter in the compute dtype: 2 for fp16, 4 for fp32
+    fp8: dict = field(default_factory=dict)  # component ("unet", "text") -> the share of it stored in fp8
 
 
 def weights_gib(arch: Architecture, placement: Placement, component: str) -> float:
     """Weights on the GPU while `component` ("text", "unet", "vae") runs."""
     sizes = {"text": arch.text, "unet": arch.unet, "vae": arch.vae}
     if placement.mode == "resident":
-        params = sum(sizes.values())
-    elif placement.mode == "model":
-        params = sizes[component]
-    else:
-        params = sizes[component] * OFFLOADED_LAYER_SHARE
-    return params * 1e6 * placement.weight_bytes / GIB
+        return sum(_component_gib(sizes, placement, name) for name in sizes)
+    share = 1 if placement.mode == "model" else OFFLOADED_LAYER_SHARE
+    return _component_gib(sizes, placement, component) * share
+
+
+def _component_gib(sizes: dict, placement: Placement, component: str) -> float:
+    fp8 = placement.fp8.get(component, 0)
+    return sizes[component] * 1e6 * (fp8 * FP8_BYTES + (1 - fp8) * placement.weight_bytes) / GIB
 
 
 def denoise_gib(arch: Architecture, latent_pixels: int, batch: int, value_bytes: int, chunked: bool) -> float:

@@ -24,6 +24,7 @@ ESCALATION = (
     ("exact", "feed-forward layers in chunks and the two guidance halves one after the other (same image)"),
     ("fp16", "half-precision weights"),
     ("vae_tiling", "VAE decode and encode in tiles"),
+    ("fp8", "UNet weights stored in 8 bits (the image changes slightly)"),
     ("model_offload", "only the model in use on the GPU"),
     ("cpu_offload", "each layer on the GPU only while it runs"),
 )
@@ -216,8 +217,11 @@ def _build(run: RunConfig, job, info: ModelInfo, device: str, sizes: Sizes, sett
            budget: float | None) -> RenderPlan:
     arch = info.arch
     fp16 = "fp16" in settings.flags
+    fp8 = {part: memory.FP8_SHARES[info.family][part]
+           for part, flag in (("unet", "fp8"), ("text", "fp8_text_encoders")) if flag in settings.flags}
     placement = memory.Placement("layer" if "cpu_offload" in settings.flags else
-                                 "model" if "model_offload" in settings.flags else "resident", 2 if fp16 else 4)
+                                 "model" if "model_offload" in settings.flags else "resident", 2 if fp16 else 4,
+                                 fp8)
     value_bytes = 2 if fp16 else 4
     batch = min(run.batch_size, job.num_images)
     halves = 1 if (settings.exact or job.guidance <= 1) else 2

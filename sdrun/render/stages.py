@@ -35,8 +35,8 @@ class DecodeOutOfMemory(OutOfMemory):
 class DecodeNotes:
     """How the decodes went, for the image metadata."""
 
-    vae_fp32: bool = False  # decoded in float32 although the model is fp16 (SDXL's VAE, or a NaN retry)
-    nan_retry: bool = False  # a decode gave NaN or a black image and was redone in float32
+    vae_fp32: bool = False  # decoded in float32, wholly or some tiles, although the model is fp16 (SDXL, NaN retry)
+    nan_retry: bool = False  # a decode (or a tile of it) gave NaN, or an image came out black, and was redone in fp32
     tiled_retry: bool = False  # a decode ran out of memory and was redone in tiles
 
 
@@ -210,38 +210,73 @@ def _tiles(plan: RenderPlan) -> tuple[int, int]:
 
 
 def decode_latents(engine, latents: torch.Tensor, tiles: tuple[int, int] | None, notes: DecodeNotes):
-    """Latents -> pixels in [-1, 1], in VAE tiles of (size, overlap) image pixels when `tiles` is given. SDXL's fp16 VAE decodes in fp32 (it overflows in fp16); SD 1.x/2.x VAEs carry
-    the same force_upcast flag but decode fine in fp16, as diffusers' own SD pipeline does (upcasting them cost
-    0.75 GiB at 512x512 and 2.5 GiB at 1024x1024 on an H200). NaN or all-black output is decoded again in fp32."""
+    """Latents -> pixels in [-1, 1], in VAE tiles of (size, overlap) image pixels when `tiles` is given.
+
+    An fp16 VAE decodes in fp16, and a decoder call whose output is not finite (the whole image, or one tile of a
+    tiled decode) is redone in fp32, that call only. The exception is a VAE known to overflow: SDXL's own VAE,
+    whose config says force_upcast, gives NaN in fp16 on real images (the reason the fp16-fix VAE exists, whose
+    config says force_upcast false), so it decodes in fp32 from the start instead of paying for an fp16 pass it
+    would throw away. A --vae file has no config of its own, so it is tried in fp16 (vae_file.py). SD 1.x/2.x
+    VAEs carry force_upcast too but decode fine in fp16, as diffusers' own SD pipeline does (upcasting them cost
+    0.75 GiB at 512x512 and 2.5 GiB at 1024x1024 on an H200). An all-black output is decoded again in fp32."""
     if not torch.isfinite(latents).all():
         raise RenderFailed("the denoiser produced NaN/inf latents (often fp16 overflow): run again without --fp16")
     vae = engine.pipe.vae
     fp32 = vae.dtype == torch.float16 and engine.family == "sdxl" and bool(getattr(vae.config, "force_upcast", False))
-    pixels = _vae_decode(vae, latents, fp32, tiles)
+    pixels = _vae_decode(vae, latents, fp32, tiles, notes)
     if not torch.isfinite(pixels).all() or bool((pixels <= -1).all()):
         notes.nan_retry = fp32 = True
-        pixels = _vae_decode(vae, latents, fp32, tiles)
+        pixels = _vae_decode(vae, latents, fp32, tiles, notes)
         if not torch.isfinite(pixels).all():
             raise RenderFailed("the VAE produced NaN even in float32: the model's VAE weights are likely broken")
     notes.vae_fp32 |= fp32 and vae.dtype != torch.float32
     return pixels
 
 
-def _vae_decode(vae, latents: torch.Tensor, fp32: bool, tiles: tuple[int, int] | None) -> torch.Tensor:
-    """Decode (in tiles when given), temporarily in float32 if asked."""
+def _vae_decode(vae, latents: torch.Tensor, fp32: bool, tiles: tuple[int, int] | None,
+                notes: DecodeNotes) -> torch.Tensor:
+    """Decode (in tiles when given), temporarily in float32 if asked, else with overflowing calls redone in it."""
     dtype = vae.dtype
     if fp32:
         vae.to(dtype=torch.float32)
     try:
         scaled = _latent_scaling(vae, latents.float(), to_unet=False)
         scaled = scaled.to(get_module_execution_device(vae), torch.float32 if fp32 else dtype)
-        with torch.no_grad():
+        guard = _upcast_overflowing(vae.decoder, notes) if vae.dtype != torch.float32 else contextlib.nullcontext()
+        with torch.no_grad(), guard:
             if tiles is not None:
                 return vae_tiles.decode(vae, scaled, *tiles)
             return vae.decode(scaled, return_dict=False)[0]
     finally:
         if fp32:
             vae.to(dtype=dtype)
+
+
+@contextlib.contextmanager
+def _upcast_overflowing(decoder, notes: DecodeNotes):
+    """Redo a decoder call (diffusers' tiled decode makes one a tile) whose output is not finite in float32, and
+    hand back its result in the decoder's dtype: only the tiles that overflow pay for float32."""
+    forward = decoder.forward
+
+    def guarded(sample: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = forward(sample, *args, **kwargs)
+        if torch.isfinite(out).all():
+            return out
+        notes.nan_retry = notes.vae_fp32 = True
+        decoder.to(dtype=torch.float32)
+        try:
+            # pixels are clamped to [-1, 1] when they become an image: clamping to the dtype's range first loses
+            # nothing, and keeps a float32 value past it from turning into inf again
+            limit = torch.finfo(out.dtype).max
+            return forward(sample.float(), *args, **kwargs).clamp(-limit, limit).to(out.dtype)
+        finally:
+            decoder.to(dtype=out.dtype)
+
+    decoder.forward = guarded
+    try:
+        yield
+    finally:
+        del decoder.forward  # back to the class's forward
 
 
 def _latent_scaling(vae, latents: torch.Tensor, to_unet: bool) -> torch.Tensor:

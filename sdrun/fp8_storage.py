@@ -1,0 +1,91 @@
+"""fp8 weight storage: the weights of a model's linear and convolution layers kept in float8_e4m3fn, each cast to
+the model's compute dtype (fp16 on the GPU with --fp16, else fp32) only while its own layer runs.
+
+What stays in the compute dtype, and why:
+- norms (GroupNorm, LayerNorm) and embedding tables are never covered: they are not linear or convolution layers,
+  and their few parameters set the scale of everything after them;
+- every bias: a few thousand values a layer, added unscaled to the output, where e4m3's 3-bit mantissa (up to 6%
+  error) would shift whole channels; diffusers' layerwise casting stores them in fp8 too;
+- the UNet's first and last convolutions (conv_in, conv_out: the latents in, the noise prediction out, 0.03% of
+  SD 1.5's parameters) and its timestep and SDXL size/pooled-text embeddings, which condition every block;
+- the text encoders' output projection (SDXL's pooled embedding).
+
+The cast happens in a forward hook (diffusers' HookRegistry, the machinery of its `enable_layerwise_casting`), so
+the fp8 tensor is what `.to(device)`, model offload and sequential offload move. Products are computed in the
+compute dtype: real fp8 matrix products (torch._scaled_mm, sm_89+) are not used.
+"""
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+
+STORAGE_DTYPE_NAME = "float8_e4m3fn"
+HOOK_NAME = "sdrun_fp8_storage"
+COVERED_LAYERS = (torch.nn.Linear, torch.nn.Conv2d)
+# Submodule names (one path component of a layer's name) whose layers keep the compute dtype, per component kind.
+KEPT = {
+    "unet": ("conv_in", "conv_out", "time_embedding", "add_embedding"),
+    "text": ("embeddings", "text_projection"),
+}
+
+
+class WeightStorageHook(ModelHook):
+    """One layer's weight in fp8 between calls and in the compute dtype during its own forward. The fp8 tensor is
+    put back after the call, not recomputed: fp8 values are exact in fp16 and fp32, so nothing drifts."""
+
+    _is_stateful = False
+
+    def __init__(self, compute_dtype: torch.dtype):
+        super().__init__()
+        self.compute_dtype = compute_dtype
+        self.stored = None
+
+    def initialize_hook(self, module):
+        module.weight.data = module.weight.data.to(storage_dtype())
+        return module
+
+    def pre_forward(self, module, *args, **kwargs):
+        self.stored = module.weight.data
+        module.weight.data = self.stored.to(self.compute_dtype)
+        return args, kwargs
+
+    def post_forward(self, module, output):
+        module.weight.data, self.stored = self.stored, None
+        return output
+
+
+def storage_dtype() -> torch.dtype:
+    return getattr(torch, STORAGE_DTYPE_NAME)
+
+
+def covered_layers(model: torch.nn.Module, kind: str) -> list[tuple[str, torch.nn.Module]]:
+    """The (name, layer) pairs of `model` whose weights fp8 stores; `kind` is "unet" or "text"."""
+    kept = KEPT[kind]
+    return [(name, module) for name, module in model.named_modules()
+            if isinstance(module, COVERED_LAYERS) and not set(name.split(".")) & set(kept)]
+
+
+def covered_share(model: torch.nn.Module, kind: str) -> float:
+    """The share of `model`'s parameters that fp8 stores (the weights of its covered layers)."""
+    covered = sum(layer.weight.numel() for _, layer in covered_layers(model, kind))
+    return covered / sum(p.numel() for p in model.parameters())
+
+
+def store_in_fp8(model: torch.nn.Module, kind: str, compute_dtype: torch.dtype) -> int:
+    """Store the covered weights of `model` in fp8 from now on; returns how many layers."""
+    layers = covered_layers(model, kind)
+    for _, layer in layers:
+        HookRegistry.check_if_exists_or_initialize(layer).register_hook(WeightStorageHook(compute_dtype), HOOK_NAME)
+    return len(layers)
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """Why fp8 storage cannot work with this torch on `device`, as a sentence; None when it can."""
+    if not hasattr(torch, STORAGE_DTYPE_NAME):
+        return (f"--fp8 needs the {STORAGE_DTYPE_NAME} dtype, which torch {torch.__version__} lacks: "
+                "install torch 2.1 or later")
+    try:
+        torch.ones(2, device=device).to(storage_dtype()).to(torch.float32)
+    except (RuntimeError, TypeError, NotImplementedError) as error:
+        return (f"--fp8 needs {STORAGE_DTYPE_NAME} tensors on {device.type}, which torch does not support there "
+                f"({str(error).splitlines()[0] if str(error) else type(error).__name__})")
+    return None
