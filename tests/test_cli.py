@@ -271,13 +271,13 @@ def test_an_interrupt_at_any_moment_of_start_up_is_one_line_and_exit_130(isolate
     command = [sys.executable, "-m", "sdrun", "a fox", "--model", "tiny", "--steps", "500", "-n", "20",
                "-o", "i/{index}.png"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    moments = (0.2, 1.0, 3.0)
+    moments = (0.0, 1.0, 3.0)  # after sdrun's first line of code has run: before it, the interpreter is not sdrun's
     cases = [(moment, stop) for moment in moments for stop in (signal.SIGINT, signal.SIGTERM)]
-    started = time.monotonic()
     processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
                  for _ in cases]
-    for (moment, stop), process in zip(cases, processes):
-        time.sleep(max(0.0, started + moment - time.monotonic()))
+    installed = [_handlers_installed(process.pid) for process in processes]
+    for (moment, stop), process, start in sorted(zip(cases, processes, installed), key=lambda c: c[2] + c[0][0]):
+        time.sleep(max(0.0, start + moment - time.monotonic()))
         process.send_signal(stop)
     for (moment, stop), process in zip(cases, processes):
         _, stderr = process.communicate(timeout=60)
@@ -286,6 +286,19 @@ def test_an_interrupt_at_any_moment_of_start_up_is_one_line_and_exit_130(isolate
         assert "Traceback" not in stderr and lines.count("sdrun: interrupted") == 1, (moment, stop, stderr)
         # where a slow moment already fell into generation, the batch summary comes first
         assert lines[-1] == "sdrun: interrupted" and all(" done, " in line for line in lines[:-1]), stderr
+
+
+def _handlers_installed(pid: int, timeout: float = 60) -> float:
+    """When process `pid` caught SIGTERM (sdrun/entry.py's first act; Python itself leaves SIGTERM at its default),
+    read from /proc: the moment from which sdrun promises exit 130 on an interrupt."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/status") as status:
+            caught = next(int(line.split()[1], 16) for line in status if line.startswith("SigCgt:"))
+        if caught >> (signal.SIGTERM - 1) & 1:
+            return time.monotonic()
+        time.sleep(0.002)
+    raise AssertionError(f"process {pid} never installed its signal handlers")
 
 
 def test_help_version_and_usage_errors_come_before_torch_is_imported():
