@@ -179,7 +179,7 @@ def run_items(run: RunConfig, items: list[Item], bad_lines: list[BadLine], repor
                 if oom and engine.device.type == "cuda":
                     torch.cuda.empty_cache()
     finally:
-        reporter.note(summary.line())
+        reporter.summary(summary)
     return summary
 
 
