@@ -6,7 +6,8 @@ This layer only turns options into a RunConfig and Jobs, and errors into one lin
     1    the run could not start: the model cannot be loaded, the kernel cannot be built, the output is not writable;
          or the disk filled up during a batch (it stopped there)
     2    usage error: a bad option value or combination, a bad prompt file; nothing was loaded or written
-    3    some items failed (bad prompt-file lines, NaN output, ...); the others were written
+    3    some items failed (bad prompt-file lines, NaN output, a process of --gpus that died, ...); the others
+         were written
     4    out of GPU memory (some items, or the run); the message names flags that lower memory
     130  interrupted (Ctrl-C or SIGTERM); finished images are complete, the one in progress is absent
 
@@ -89,6 +90,7 @@ def cli():
       sdrun "astronaut on mars" --xformers --fp16
       sdrun "a red fox in snow" -n 4 --seed 42 -o foxes/
       sdrun --prompt-file prompts.jsonl --skip-existing --json > log.jsonl
+      sdrun --prompt-file prompts.txt --seed 1 --gpus all   # one process per GPU, same files as one GPU
       sdrun "mountain lake at dawn" --hires 3840x2160 --fp16 --xformers   # a coherent 4K image
       sdrun "city at night" -W 3840 -H 2160 --fp16 --max-vram 4           # fits a 4 GB card
       sdrun plan "city at night" -W 3840 -H 2160 --max-vram 4             # what it would do, no weights loaded
@@ -260,6 +262,7 @@ def _launch(gpus: str, run_config: RunConfig, jobs) -> None:
     """`--gpus`: check the run here (one error line, not one per process), then start one process per GPU and
     end with the batch's exit code. One GPU needs no other process: the run goes on here."""
     from sdrun import parallel, pipeline
+    from sdrun.batch import plan_items
     from sdrun.console import Reporter
 
     if parallel.launched():
@@ -268,7 +271,8 @@ def _launch(gpus: str, run_config: RunConfig, jobs) -> None:
     count = parallel.process_count(gpus, run_config.device)
     if count == 1:
         return
-    pipeline.plan_run(run_config, [job for _, job in jobs])
+    planned = pipeline.plan_run(run_config, [job for _, job in jobs])
+    plan_items(jobs, planned.run)  # names, folders, files in the way (the processes' own seeds may differ)
     args = parallel.without_gpus(click.get_current_context().meta["sdrun.args"])
     code = parallel.launch(count, args, Reporter(run_config.quiet, run_config.json_lines))
     sys.exit(code)

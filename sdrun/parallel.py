@@ -20,17 +20,16 @@ well and leaves the batch's exit code in the folder, for `sdrun --gpus` to exit 
 """
 
 import json
+import logging
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from sdrun.batch import EXIT_SOME_FAILED, Summary, _chunks, _describe, run_items  # one process's chunks, records
 from sdrun.config import with_seed
 from sdrun.console import Reporter
 from sdrun.errors import EXIT_INTERRUPTED, UsageError
@@ -72,14 +71,12 @@ def owners(chunks: list[list], num_processes: int) -> dict[int, int]:
 
 # ---------------------------------------------------------------------------------------------- merging
 
-def merge(plan: dict, files: dict[int, list[dict]]) -> tuple[list[dict], "Summary"]:
+def merge(plan: dict, files: dict[int, list[dict]]) -> tuple[list[dict], Summary]:
     """The failed records of items whose process died before reporting them, and the summary of the whole batch.
 
     `plan` is what process 0 wrote before rendering (every item described, its owner, the bad-line count);
     `files` maps each process to its records. A process that ended (even early: --fail-fast, a full disk) wrote a
     summary record last; the unreported items of one that did not were lost with it."""
-    from sdrun.batch import Summary
-
     records = [record for process in files.values() for record in process if "status" in record]
     reported = {record["index"] for record in records if "index" in record}
     summaries = {k: record["summary"] for k, process in files.items() for record in process if "summary" in record}
@@ -179,8 +176,6 @@ class RecordWriter(Reporter):
 def run_share(group: Group, run, items: list, bad_lines: list, reporter: Reporter, planned) -> int:
     """Make this process's share of `items` (all of them planned alike by every process); on process 0, print
     the whole batch's records and summary. Returns the exit code this process ends with."""
-    from sdrun.batch import _chunks, _describe, run_items  # the one-process run's chunks and records
-
     batch = list(_chunks(items, run.batch_size))
     index = group.state.process_index
     mine = [item for chunk in share(batch, group.state) for item in chunk]
@@ -312,37 +307,40 @@ def without_gpus(args: list[str]) -> list[str]:
 
 
 def launch(count: int, args: list[str], reporter: Reporter) -> int:
-    """Run `sdrun ARGS` in `count` processes through torch.distributed.run (what `accelerate launch` runs for
-    several GPUs) and return the batch's exit code. The launcher gets its own session, so that Ctrl-C (or a
-    SIGTERM to sdrun) reaches the processes once, from the launcher: each then ends like a one-process run."""
+    """Run `sdrun ARGS` in `count` processes with torch.distributed.run (what `accelerate launch` runs for several
+    GPUs), here in this process, and return the batch's exit code. The launcher stops every process when one
+    dies, and on Ctrl-C or SIGTERM sends each process one SIGTERM: each ends like a one-process run. Its own
+    logging and its ChildFailedError traceback are kept quiet: process 0 (or _outcome) says what happened."""
+    from torch.distributed import run as launcher
+    from torch.distributed.elastic.multiprocessing import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
     folder = Path(tempfile.mkdtemp(prefix="sdrun-processes-"))
-    env = {**os.environ, FOLDER_ENV: str(folder)}
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // count)))  # the launcher warns without
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={count}",
-               "-m", "sdrun", *args]
-    launcher = subprocess.Popen(command, env=env, start_new_session=True)
+    os.environ[FOLDER_ENV] = str(folder)  # inherited by the processes
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // count)))  # else it warns
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    code = None
     try:
-        _wait(launcher)
-        return _outcome(folder, count, launcher.returncode, reporter)
+        launcher.run(launcher.parse_args(["--standalone", f"--nproc-per-node={count}", "-m", "sdrun", *args]))
+    except ChildFailedError:  # a process died, or exited non-zero (only process 0 may, having finished)
+        code = 1
+    except SignalException:
+        code = EXIT_INTERRUPTED
+    try:
+        return _outcome(folder, count, code, reporter)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _wait(launcher: subprocess.Popen) -> None:
-    try:
-        launcher.wait()
-    except KeyboardInterrupt:
-        launcher.send_signal(signal.SIGTERM)  # the launcher stops its processes with SIGTERM: one interrupt each
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        launcher.wait()
-
-
-def _outcome(folder: Path, count: int, launcher_code: int, reporter: Reporter) -> int:
+def _outcome(folder: Path, count: int, launcher_code: int | None, reporter: Reporter) -> int:
     """The exit code process 0 left; if it died first, the records of the items lost and the summary, merged here."""
     code_file = folder / EXIT_CODE_FILE
     if code_file.is_file():
-        return int(code_file.read_text())
+        code = int(code_file.read_text())
+        # process 0 was stopped by the launcher because another process died: items failed, no one interrupted
+        return EXIT_SOME_FAILED if code == EXIT_INTERRUPTED and launcher_code == 1 else code
     if not (folder / PLAN_FILE).is_file():  # the processes stopped before planning: they said why on stderr
         return launcher_code or 1
     plan = json.loads((folder / PLAN_FILE).read_text(encoding="utf-8"))
