@@ -23,7 +23,7 @@ from pathlib import Path
 import click
 
 from sdrun import __version__, backends
-from sdrun.config import (BY_NAME, DEFAULT_MODEL, DEFAULT_OUTPUT, FIELDS, REPLAY_KEYS, Job, RunConfig, validate)
+from sdrun.config import BY_NAME, DEFAULT_MODEL, DEFAULT_OUTPUT, FIELDS, REPLAY_KEYS, Job, RunConfig, validate
 from sdrun.errors import EXIT_INTERRUPTED, OutOfMemory, SdrunError, UsageError
 
 OOM_ADVICE = "out of GPU memory: add --max-vram GB (sdrun picks the settings), --vae-tiling or --model-offload, " \
@@ -238,7 +238,7 @@ def run(prompt, prompt_file, model, config_dir, output, batch_size, device, quie
                              allow_outside_output=allow_outside_output)
     jobs, bad_lines = _jobs(prompt, prompt_file, fail_fast, options)
     if gpus is not None and not dry_run:
-        _launch(gpus, run_config, jobs)
+        _launch(gpus, run_config, jobs, prompt_file)
     _generate(run_config, jobs, bad_lines, dry_run)
 
 
@@ -258,7 +258,7 @@ def plan_command(prompt, prompt_file, model, config_dir, output, batch_size, dev
                    "the memory figures and --max-vram are per GPU")
 
 
-def _launch(gpus: str, run_config: RunConfig, jobs) -> None:
+def _launch(gpus: str, run_config: RunConfig, jobs, prompt_file: str | None) -> None:
     """`--gpus`: check the run here (one error line, not one per process), then start one process per GPU and
     end with the batch's exit code. One GPU needs no other process: the run goes on here."""
     from sdrun import parallel, pipeline
@@ -271,6 +271,9 @@ def _launch(gpus: str, run_config: RunConfig, jobs) -> None:
     count = parallel.process_count(gpus, run_config.device)
     if count == 1:
         return
+    if prompt_file == "-":
+        raise UsageError("--gpus cannot share stdin between its processes: write the prompts to a file and give "
+                         "--prompt-file FILE")
     planned = pipeline.plan_run(run_config, [job for _, job in jobs])
     plan_items(jobs, planned.run)  # names, folders, files in the way (the processes' own seeds may differ)
     args = parallel.without_gpus(click.get_current_context().meta["sdrun.args"])

@@ -180,14 +180,16 @@ def run_share(group: Group, run, items: list, bad_lines: list, reporter: Reporte
     index = group.state.process_index
     mine = [item for chunk in share(batch, group.state) for item in chunk]
     if group.main:
+        owner = owners(batch, group.state.num_processes)
         plan = {"items": [_describe(item) for item in items], "bad_lines": len(bad_lines),
-                "owners": [owners(batch, group.state.num_processes)[item.index] for item in items]}
+                "owners": [owner[item.index] for item in items]}
         (group.folder / PLAN_FILE).write_text(json.dumps(plan), encoding="utf-8")
     merger = Merger(group.folder, group.state.num_processes, reporter) if group.main else None
     writer = RecordWriter(_process_file(group.folder, index), reporter, merger)
     # No image is written before every process has checked the files at its planned paths and opened its record
     # file: else one process's fresh image would stand "in the way" of another's plan
     group.state.wait_for_everyone()
+    group.state.destroy_process_group()  # the last collective: from here a dead process cannot hang the others
     interrupted = False
     try:
         run_items(run, mine, bad_lines if group.main else [], writer, planned)
@@ -234,9 +236,9 @@ class Merger:
         self.reporter.result(record)
 
     def running(self) -> list[int]:
-        """The processes that have not ended and still run."""
+        """The processes that have not ended (no summary record) and still run (each wrote its pid first)."""
         return [k for k, records in self.files.items()
-                if not any("summary" in r for r in records) and _alive(next((r["pid"] for r in records if "pid" in r), None))]
+                if not any("summary" in record for record in records) and records and _alive(records[0]["pid"])]
 
     def finish(self) -> int:
         """Wait for every process to end or die, print what is left and the summary; return the exit code."""
@@ -252,10 +254,8 @@ class Merger:
         return summary.exit_code
 
 
-def _alive(pid: int | None) -> bool:
+def _alive(pid: int) -> bool:
     """Whether process `pid` of this host still runs (a zombie, dead but not yet reaped, does not)."""
-    if pid is None:
-        return False
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
             return stat.read().rsplit(")", 1)[1].split()[0] != "Z"

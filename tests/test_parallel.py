@@ -105,9 +105,11 @@ def test_without_gpus_keeps_every_other_argument():
     assert parallel.without_gpus(args) == ["run", "a fox", "-n", "4", "--seed", "1"]
 
 
-@pytest.mark.skipif(torch.cuda.device_count() > 0, reason="checks the refusal on a machine without a GPU")
+NO_GPU = pytest.mark.skipif(torch.cuda.device_count() > 0, reason="checks the refusal on a machine without a GPU")
+
+
 @pytest.mark.parametrize("gpus, message", [
-    ("2", "--gpus 2 needs CUDA GPUs, but torch sees none"),
+    pytest.param("2", "--gpus 2 needs CUDA GPUs, but torch sees none", marks=NO_GPU),
     ("0", "--gpus '0' is not a number of GPUs"),
     ("two", "--gpus 'two' is not a number of GPUs"),
 ])
@@ -193,3 +195,8 @@ def test_processes_started_by_a_launcher_share_one_random_seed_and_report_once()
     assert seeds == [seeds[0], seeds[0] + 1, seeds[0] + 2]
     assert [meta(f"out/{i}.png")["seed"] for i in range(3)] == seeds
     assert launched.stderr.count(" done, ") == 1 and "3 done, 0 skipped, 0 failed of 3" in launched.stderr
+
+
+def test_gpus_refuses_prompts_from_stdin_before_starting_processes(sdrun):
+    result = sdrun("--prompt-file", "-", *TINY, "--device", "cpu", "--gpus", "2", input="a fox\n")
+    assert result.exit_code == 2 and "write the prompts to a file" in result.stderr
