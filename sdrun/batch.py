@@ -187,7 +187,7 @@ def run_items(run: RunConfig, items: list[Item], bad_lines: list[BadLine], repor
                 writer.write(finished)
     finally:
         writer.close()  # also on Ctrl-C: the images already made are written, complete
-        reporter.note(summary.line())
+        reporter.summary(summary)
     return summary
 
 

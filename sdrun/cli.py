@@ -6,7 +6,8 @@ This layer only turns options into a RunConfig and Jobs, and errors into one lin
     1    the run could not start: the model cannot be loaded, the kernel cannot be built, the output is not writable;
          or the disk filled up during a batch (it stopped there)
     2    usage error: a bad option value or combination, a bad prompt file; nothing was loaded or written
-    3    some items failed (bad prompt-file lines, NaN output, ...); the others were written
+    3    some items failed (bad prompt-file lines, NaN output, a process of --gpus that died, ...); the others
+         were written
     4    out of GPU memory (some items, or the run); the message names flags that lower memory
     130  interrupted (Ctrl-C or SIGTERM); finished images are complete, the one in progress is absent
 
@@ -22,8 +23,7 @@ from pathlib import Path
 import click
 
 from sdrun import __version__, backends
-from sdrun.config import (BY_NAME, DEFAULT_MODEL, DEFAULT_OUTPUT, FIELDS, REPLAY_KEYS, Job, RunConfig, validate,
-                          with_seed)
+from sdrun.config import BY_NAME, DEFAULT_MODEL, DEFAULT_OUTPUT, FIELDS, REPLAY_KEYS, Job, RunConfig, validate
 from sdrun.errors import EXIT_INTERRUPTED, OutOfMemory, SdrunError, UsageError
 
 OOM_ADVICE = "out of GPU memory: add --max-vram GB (sdrun picks the settings), --vae-tiling or --model-offload, " \
@@ -37,6 +37,7 @@ class SdrunGroup(click.Group):
     def parse_args(self, ctx, args):
         if args and args[0] not in self.commands and args[0] not in ("-h", "--help", "--version"):
             args = ["run", *args]
+        ctx.meta["sdrun.args"] = list(args)  # as given, for the processes `--gpus` starts
         return super().parse_args(ctx, args)
 
     def main(self, args=None, prog_name=None, **_ignored):
@@ -91,6 +92,7 @@ def cli():
       sdrun "astronaut on mars" --xformers --fp16
       sdrun "a red fox in snow" -n 4 --seed 42 -o foxes/
       sdrun --prompt-file prompts.jsonl --skip-existing --json > log.jsonl
+      sdrun --prompt-file prompts.txt --seed 1 --gpus all   # one process per GPU, same files as one GPU
       sdrun "mountain lake at dawn" --hires 3840x2160 --fp16 --xformers   # a coherent 4K image
       sdrun "city at night" -W 3840 -H 2160 --fp16 --max-vram 4           # fits a 4 GB card
       sdrun plan "city at night" -W 3840 -H 2160 --max-vram 4             # what it would do, no weights loaded
@@ -178,9 +180,19 @@ def run_options(fn):
         click.option("--fail-fast", is_flag=True, help="Stop at the first failed item instead of going on."),
         click.option("--json", "json_lines", is_flag=True,
                      help="One JSON object per image (done, skipped, failed) on stdout."),
+        click.option("--gpus", metavar="N|all", callback=_gpus_value,
+                     help="Spread the batch over N GPUs of this machine (all: every GPU), one process per GPU, "
+                     "each loading the model; --max-vram and the plan are per GPU. With --device cpu: N CPU "
+                     "processes."),
     ]):
         fn = option(fn)
     return job_options(common_options(fn))
+
+
+def _gpus_value(_ctx, _param, value: str | None) -> str | None:
+    if value is None or value == "all" or (value.isdigit() and int(value) >= 1):
+        return value
+    raise UsageError(f"--gpus {value!r} is not a number of GPUs: give N (1 or more) or all")
 
 
 def _run_config(options: dict, **fixed) -> RunConfig:
@@ -221,7 +233,7 @@ def _jobs(prompt, prompt_file, fail_fast: bool, options: dict):
 @click.option("--dry-run", is_flag=True, help="Print the render plan (stages, predicted peak memory) and stop; "
               "no weights are loaded.")
 def run(prompt, prompt_file, model, config_dir, output, batch_size, device, quiet, overwrite, skip_existing,
-        allow_outside_output, fail_fast, json_lines, dry_run, **options):
+        allow_outside_output, fail_fast, json_lines, gpus, dry_run, **options):
     """Make images from PROMPT (or from --prompt-file). This is the default command."""
     if overwrite and skip_existing:
         raise UsageError("--overwrite and --skip-existing contradict each other: choose one")
@@ -230,40 +242,72 @@ def run(prompt, prompt_file, model, config_dir, output, batch_size, device, quie
                              fail_fast=fail_fast, quiet=quiet, json_lines=json_lines,
                              allow_outside_output=allow_outside_output)
     jobs, bad_lines = _jobs(prompt, prompt_file, fail_fast, options)
+    if gpus is not None and not dry_run:
+        _launch(gpus, run_config, jobs, prompt_file)
     _generate(run_config, jobs, bad_lines, dry_run)
 
 
 @cli.command("plan")
 @run_options
 def plan_command(prompt, prompt_file, model, config_dir, output, batch_size, device, quiet, overwrite,
-                 skip_existing, allow_outside_output, fail_fast, json_lines, **options):
+                 skip_existing, allow_outside_output, fail_fast, json_lines, gpus, **options):
     """Print what `sdrun PROMPT [options]` would do, without loading weights: its stages, the predicted peak GPU
     memory of each, and with --max-vram the settings that fit. `--device cuda` predicts a CUDA GPU's plan on any
-    machine."""
+    machine. With --gpus every GPU runs the same plan on its share of the items: the figures are per GPU."""
     run_config = _run_config(options, model=model, config_dir=config_dir, device=device, output=output,
                              batch_size=batch_size, quiet=quiet, json_lines=json_lines)
     jobs, bad_lines = _jobs(prompt, prompt_file, fail_fast, options)
     _generate(run_config, jobs, bad_lines, dry_run=True, predict_only=True)
+    if gpus is not None:
+        click.echo(f"with --gpus {gpus}: each GPU loads the model and runs this plan on its share of the items; "
+                   "the memory figures and --max-vram are per GPU")
+
+
+def _launch(gpus: str, run_config: RunConfig, jobs, prompt_file: str | None) -> None:
+    """`--gpus`: check the run here (one error line, not one per process), then start one process per GPU and
+    end with the batch's exit code. One GPU needs no other process: the run goes on here."""
+    from sdrun import parallel, pipeline
+    from sdrun.batch import plan_items
+    from sdrun.console import Reporter
+
+    if parallel.launched():
+        raise UsageError("--gpus was given to a process that a launcher started: drop --gpus (the launcher's "
+                         "process count decides)")
+    count = parallel.process_count(gpus, run_config.device)
+    if count == 1:
+        return
+    if prompt_file == "-":
+        raise UsageError("--gpus cannot share stdin between its processes: write the prompts to a file and give "
+                         "--prompt-file FILE")
+    planned = pipeline.plan_run(run_config, [job for _, job in jobs])
+    plan_items(jobs, planned.run)  # names, folders, files in the way (the processes' own seeds may differ)
+    args = parallel.without_gpus(click.get_current_context().meta["sdrun.args"])
+    code = parallel.launch(count, args, Reporter(run_config.quiet, run_config.json_lines))
+    sys.exit(code)
 
 
 def _generate(run_config: RunConfig, jobs, bad_lines, dry_run: bool = False, predict_only: bool = False) -> None:
-    from sdrun import pipeline
+    from sdrun import parallel, pipeline
     from sdrun.batch import plan_items, run_items
     from sdrun.console import Reporter
 
-    reporter = Reporter(run_config.quiet, run_config.json_lines)
-    jobs = [(line, with_seed(job)) for line, job in jobs]  # random seeds drawn once, planned and recorded
+    group, jobs = parallel.join(run_config, jobs)  # random seeds drawn once (by process 0), planned and recorded
+    main = group is None or group.main
+    reporter = Reporter(run_config.quiet or not main, run_config.json_lines)
     planned = pipeline.plan_run(run_config, [job for _, job in jobs], predict_only)  # before anything is written
     if planned.added:
         reporter.note(planned.added_note())
     if dry_run:
-        for line in planned.describe():
+        for line in planned.describe() if main else ():
             click.echo(line)
         return
     items = plan_items(jobs, planned.run)
-    summary = run_items(planned.run, items, bad_lines, reporter, planned)
-    if summary.exit_code:
-        sys.exit(summary.exit_code)
+    if group is None:
+        code = run_items(planned.run, items, bad_lines, reporter, planned).exit_code
+    else:
+        code = parallel.run_share(group, planned.run, items, bad_lines, reporter, planned)
+    if code:
+        sys.exit(code)
 
 
 @cli.command()

@@ -47,6 +47,10 @@ class Reporter:
     def error(self, message: str) -> None:
         stderr.print(f"sdrun: error: {message}", style="red", markup=False, soft_wrap=True)
 
+    def summary(self, summary) -> None:
+        """The batch's last line (a batch.Summary)."""
+        self.note(summary.line())
+
     def result(self, record: dict) -> None:
         """One finished, skipped or failed image: a JSON line, or the written path."""
         if self.json_lines:

@@ -51,10 +51,11 @@ class RunSetup:
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for, but torch sees no CUDA GPU: use --device cpu (or auto)")
-    return torch.device(name)
+    # The current GPU by its index: cuda:LOCAL_RANK in a process of --gpus (offload takes a bare "cuda" for GPU 0)
+    return torch.device("cuda", torch.cuda.current_device()) if name == "cuda" else torch.device(name)
 
 
 def check_run(run: RunConfig, predict_only: bool = False) -> RunSetup:
