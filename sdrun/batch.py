@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from sdrun import backends, output, pipeline, targets
 from sdrun.config import Job, RunConfig, job_from_mapping, job_record, validate, with_seed
+from sdrun.entry import unwind_on_interrupt
 from sdrun.errors import OutOfMemory, OutputError, SdrunError, UsageError
 from sdrun.render.stages import DecodeNotes, DecodeOutOfMemory, Hooks, render
 from sdrun.schedulers import SAMPLERS
@@ -167,6 +168,7 @@ def run_items(run: RunConfig, items: list[Item], bad_lines: list[BadLine], repor
     if engine is not None:
         planned.refit(engine)
     writer = Writer(run, summary, reporter)
+    unwind_on_interrupt()
     try:
         for chunk in _chunks(todo, run.batch_size):
             if summary.disk_full or (run.fail_fast and summary.failed):

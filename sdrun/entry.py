@@ -14,13 +14,22 @@ from sdrun.errors import EXIT_INTERRUPTED
 def main() -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _leave_at_once)
-    from sdrun.cli import cli  # the seconds-long part
+    from sdrun.cli import cli
 
-    # From here an interrupt unwinds as KeyboardInterrupt, so that a batch ends cleanly: finished images complete,
-    # the one in progress absent, the summary printed. Job schedulers and `timeout` stop a batch with SIGTERM.
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, _raise_interrupt)
     cli.main()
+
+
+def unwind_on_interrupt() -> None:
+    """Called when a batch starts writing images (the libraries are imported, the model is loaded): from here an
+    interrupt unwinds as KeyboardInterrupt, so that the batch ends cleanly: finished images complete, the one in
+    progress absent, the summary printed. Job schedulers and `timeout` stop a batch with SIGTERM. Before, an
+    interrupt may land inside a library's import, which a KeyboardInterrupt can leave half-done (numpy then
+    refuses to load again): leaving at once is the clean end there."""
+    import threading
+
+    if threading.current_thread() is threading.main_thread():  # signal handlers can be set only there
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, _raise_interrupt)
 
 
 def _leave_at_once(_signum, _frame) -> None:
