@@ -8,6 +8,7 @@ from sdrun.backends.base import Backend, Option
 
 BACKEND = Backend(
     name="vae_tiling",
+    brief="saves decode memory at big sizes (4K in a few GB); costs a slower decode, faint seams",
     help="Decode and encode in overlapping tiles: VAE memory stays flat at large sizes (a 4K decode in a few GB "
     "instead of 21 GiB); faint seams or colour shifts between tiles are possible. A slower decode.",
     lowers=("decode",),
