@@ -8,6 +8,7 @@ Exit status, from the summary: 0 all done; 3 some items failed; 4 some failed fo
 filled up (the batch stopped there: no later image could be written either).
 """
 
+import io
 import json
 import os
 import sys
@@ -21,12 +22,16 @@ import torch
 from safetensors.torch import save_file
 
 from sdrun import backends, output, pipeline, targets
-from sdrun.config import Job, RunConfig, job_from_mapping, job_record, validate, with_seed
+from sdrun.config import MAX_IMAGES, Job, RunConfig, job_from_mapping, job_record, validate, with_seed
 from sdrun.entry import unwind_on_interrupt
 from sdrun.errors import OutOfMemory, OutputError, SdrunError, UsageError
 from sdrun.render.stages import DecodeNotes, DecodeOutOfMemory, Hooks, render
 from sdrun.schedulers import SAMPLERS
 
+# A prompt file's bounds, so that any file (or /dev/zero) is read in bounded time and memory; with one run's
+# MAX_IMAGES images, they are far past any prompt file a person or a script writes for one run
+MAX_PROMPT_FILE_BYTES = 64 * 2**20
+MAX_PROMPT_FILE_LINES = 1_000_000
 EXIT_SOME_FAILED = 3
 EXIT_OUT_OF_MEMORY = OutOfMemory.exit_code
 
@@ -53,32 +58,56 @@ class Item:
 def read_prompt_file(source: str, defaults: Job) -> tuple[list[tuple[int, Job]], list[BadLine]]:
     """Read prompts from a .txt (one per line) or .jsonl (one object per line) file, or '-' for stdin.
     Returns the valid jobs with their line numbers, and every bad line with what is wrong with it."""
-    try:
-        text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise UsageError(f"cannot read prompt file {source!r} ({error}): give a readable UTF-8 text file")
-    # A byte-order mark (Windows editors write one) would hide the JSON format and end up in a prompt
-    lines = [line.removeprefix("\ufeff") for line in text.splitlines()]
-    jsonl = source.endswith(".jsonl") or (not source.endswith(".txt") and _first_content(lines).startswith("{"))
-    jobs, bad = [], []
-    for number, raw in enumerate(lines, start=1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
+    text = _read_bounded(source)
+    jsonl = source.endswith(".jsonl") or (not source.endswith(".txt")
+                                          and next(_prompt_lines(source, text), (0, ""))[1].startswith("{"))
+    jobs, bad, images = [], [], 0
+    for number, line in _prompt_lines(source, text):
         try:
             job = _job_from_json(line, defaults) if jsonl else replace(defaults, prompt=line)
             validate(job)
         except UsageError as error:
             bad.append(BadLine(number, str(error)))
-            continue
-        jobs.append((number, job))
+            images += 1
+        else:
+            jobs.append((number, job))
+            images += job.num_images
+        if images > MAX_IMAGES:
+            raise UsageError(f"prompt file {source!r} asks for more than {MAX_IMAGES} images, the most one run makes "
+                             f"(line {number} passes it): split it into several files")
     if not jobs and not bad:
         raise UsageError(f"prompt file {source!r} has no prompts: write one per line (# starts a comment)")
     return jobs, bad
 
 
-def _first_content(lines: list[str]) -> str:
-    return next((l.strip() for l in lines if l.strip() and not l.strip().startswith("#")), "")
+def _prompt_lines(source: str, text: str):
+    """(line number, stripped text) of each line that holds a prompt; blank lines and # comments are skipped."""
+    for number, raw in enumerate(io.StringIO(text, newline=None), start=1):  # lines end in \n, \r\n or \r
+        if number > MAX_PROMPT_FILE_LINES:
+            raise UsageError(f"prompt file {source!r} has more than {MAX_PROMPT_FILE_LINES} lines: split it into "
+                             "several files")
+        # A byte-order mark (Windows editors write one) would hide the JSON format and end up in a prompt
+        line = raw.removeprefix("\ufeff").strip()
+        if line and not line.startswith("#"):
+            yield number, line
+
+
+def _read_bounded(source: str) -> str:
+    """The text of a prompt file or stdin ('-'), refused beyond MAX_PROMPT_FILE_BYTES: /dev/zero or an endless
+    pipe must not fill the memory."""
+    try:
+        if source == "-":
+            stream = getattr(sys.stdin, "buffer", None)  # a test's or a caller's stdin may be text only
+            data = stream.read(MAX_PROMPT_FILE_BYTES + 1) if stream else sys.stdin.read(MAX_PROMPT_FILE_BYTES + 1)
+        else:
+            with open(source, "rb") as file:
+                data = file.read(MAX_PROMPT_FILE_BYTES + 1)
+        if len(data) > MAX_PROMPT_FILE_BYTES:
+            raise UsageError(f"prompt file {source!r} is larger than {MAX_PROMPT_FILE_BYTES // 2**20} MiB (or "
+                             "endless): split it into several files")
+        return data.decode("utf-8") if isinstance(data, bytes) else data
+    except (OSError, UnicodeDecodeError) as error:
+        raise UsageError(f"cannot read prompt file {source!r} ({error}): give a readable UTF-8 text file")
 
 
 def _job_from_json(line: str, defaults: Job) -> Job:
@@ -365,6 +394,8 @@ def metadata(engine, run: RunConfig, plan, item: Item, notes: DecodeNotes) -> di
     scheduler = pipeline.scheduler_name(engine, job.scheduler)
     record = job_record(job)
     del record["output"], record["num_images"]
+    if job.init_image is not None:  # absolute, like the model's path: replay works from any folder
+        record["init_image"] = os.path.abspath(job.init_image)
     return {
         **record,
         "seed": item.seed,

@@ -50,7 +50,7 @@ class SdrunGroup(click.Group):
         except click.ClickException as error:
             if debug:
                 raise
-            _error_line(f"{error.format_message()} (see sdrun --help)")
+            _error_line(_usage_message(error))
             sys.exit(error.exit_code)
         except SdrunError as error:
             if debug:
@@ -65,6 +65,25 @@ class SdrunGroup(click.Group):
             sys.exit(OutOfMemory.exit_code)
 
 
+def _usage_message(error: click.ClickException) -> str:
+    """click's refusal as one line. A prompt that is a command's name (`sdrun info --model tiny`) runs that
+    command, which then refuses what follows: then say how to make an image of that prompt."""
+    message = error.format_message()
+    ctx = getattr(error, "ctx", None)
+    command = ctx.command.name if ctx is not None and ctx.parent is not None else None
+    if command in (None, "run", "plan"):  # plan takes run's options and arguments: nothing to refuse there
+        return f"{message} (see sdrun --help)"
+    run_options = {name for param in run.params for name in param.opts}
+    if isinstance(error, click.NoSuchOption) and error.option_name in run_options:
+        message, follows = f"sdrun {command} has no option {error.option_name}", f" {error.option_name} ..."
+    elif command == "info":  # it takes no arguments: any is the rest of a prompt
+        follows = " ..."
+    else:
+        return f"{message} (see sdrun {command} --help)"
+    return (f'{message}: "{command}" is a command here, not a prompt; to make an image of the prompt '
+            f'"{command}", write sdrun run "{command}"{follows}')
+
+
 def _stderr():
     from sdrun.console import stderr
 
@@ -76,13 +95,15 @@ def _error_line(message: str) -> None:
 
 
 def _memory_flags_help() -> str:
-    width = max(len(backend.flag) for backend in backends.BACKENDS) + 1
-    return "\n".join(f"  {backend.flag:<{width}}{backend.help.split('. ')[0].rstrip('.')}"
-                     for backend in backends.BACKENDS)
+    lines = [(backend.flag, backend.brief) for backend in backends.BACKENDS]
+    lines.append(("--max-vram GB", "sdrun adds the flags that fit GB of GPU memory, and says which"))
+    width = max(len(flag) for flag, _ in lines) + 2
+    return "\n".join(f"  {flag:<{width}}{brief}" for flag, brief in lines)
 
 
 @click.group(cls=SdrunGroup, context_settings={"help_option_names": ["-h", "--help"]},
-             epilog="\b\nMemory and speed flags (sdrun run --help has their costs and options):\n" + _memory_flags_help())
+             epilog="\b\nMemory and speed flags (sdrun run --help says more, with their options):\n"
+                    + _memory_flags_help())
 @click.version_option(__version__, prog_name="sdrun")
 def cli():
     """Stable Diffusion text-to-image, made for small GPUs and big batches.
@@ -313,36 +334,24 @@ def _generate(run_config: RunConfig, jobs, bad_lines, dry_run: bool = False, pre
 @cli.command()
 @click.argument("image", type=click.Path(dir_okay=False))
 @click.option("--set", "changes", multiple=True, metavar="KEY=VALUE",
-              help=f"Change one setting ({', '.join(REPLAY_KEYS)}, model).")
+              help=f"Change one setting ({', '.join(REPLAY_KEYS)}, model); also repairs a bad recorded one.")
 @click.option("-o", "--output", help="Where to write  [default: IMAGE-replay.png beside IMAGE].")
 @common_options
 def replay(image, changes, output, device, quiet, overwrite, **options):
     """Make IMAGE again from its sdrun metadata: same model, seed, settings and flags."""
-    from sdrun.config import job_from_mapping
     from sdrun.output import read_metadata
+    from sdrun.recorded import parse_changes, read_record
 
-    meta = read_metadata(Path(image))
-    job = job_from_mapping({key: meta[key] for key in REPLAY_KEYS if key in meta}, Job(prompt="", num_images=1))
-    model = meta["model"]
-    for change in changes:
-        key, sep, value = change.partition("=")
-        if sep and key == "model":
-            model = value
-        elif sep and key in REPLAY_KEYS:
-            job = dataclasses.replace(job, **{key: BY_NAME[key].parse_text(value)})
-        else:
-            raise UsageError(f"--set {change!r}: use KEY=VALUE with KEY one of {', '.join(REPLAY_KEYS)}, model")
-    validate(job)
+    recorded = read_record(read_metadata(Path(image)), Path(image), parse_changes(changes))
     given = _run_config(options)
-    flags = tuple(dict.fromkeys(meta["flags"] + list(given.flags)))
     target = output or str(Path(image).with_name(Path(image).stem + "-replay.png"))
-    run_config = RunConfig(model=model, config_dir=meta.get("config_dir"), vae=given.vae or meta.get("vae"),
-                           device=device, flags=flags,
-                           backend_options={**meta.get("backend_options", {}), **given.backend_options},
-                           max_vram=given.max_vram or meta.get("max_vram"), output=target,
-                           batch_size=meta.get("batch_size", 1), overwrite=overwrite, quiet=quiet,
+    run_config = RunConfig(model=recorded.model, config_dir=recorded.config_dir, vae=given.vae or recorded.vae,
+                           device=device, flags=tuple(dict.fromkeys(recorded.flags + given.flags)),
+                           backend_options={**recorded.backend_options, **given.backend_options},
+                           max_vram=given.max_vram or recorded.max_vram, output=target,
+                           batch_size=recorded.batch_size, overwrite=overwrite, quiet=quiet,
                            extra={"replayed_from": str(image)})
-    _generate(run_config, [(None, job)], [])
+    _generate(run_config, [(None, recorded.job)], [])
 
 
 @cli.command()

@@ -23,7 +23,10 @@ DEFAULT_OUTPUT = "outputs/{seed}-{prompt}.png"
 MAX_SEED = 2**32 - 1
 MAX_SIDE = 16384  # pixels per side; 16384x16384 is 4x what any SD model has been used at, and far past 8K
 MAX_STEPS = 1000  # the schedulers' training timesteps (num_train_timesteps) of every SD 1.x/2.x/SDXL model
-MAX_IMAGES = 100_000  # per prompt; a bigger count is a typo, and planning it would take minutes
+# characters of a prompt: the text encoder reads its first 77 tokens (about 300 characters); a longer text is a
+# mistake (a whole file on one line), and would be tokenised and stored in every image's metadata
+MAX_PROMPT = 10_000
+MAX_IMAGES = 100_000  # per run: more is a typo or a week of GPU time, and planning them would take minutes
 
 
 @dataclass(frozen=True)
@@ -79,11 +82,12 @@ class Field:
             raise UsageError(f"{self.name} {value} is not a finite number: give a plain number{self._fix()}")
         problem = self.check(value)
         if problem:
-            raise UsageError(f"{self.name} {value!r} {problem}{self._fix()}")
+            shown = f"{value[0]}x{value[1]}" if self.kind == "size" else short_repr(value)
+            raise UsageError(f"{self.name} {shown} {problem}{self._fix()}")
         return value
 
     def refuse(self, value, expected: str) -> UsageError:
-        return UsageError(f"{self.name!r} must be {expected}, got {_short(value)}{self._fix()}")
+        return UsageError(f"{self.name!r} must be {expected}, got {short_repr(value)}{self._fix()}")
 
     def _fix(self) -> str:
         return f": {self.fix}" if self.fix else ""
@@ -110,7 +114,8 @@ def _size(field_: Field, text: str) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
-def _short(value) -> str:
+def short_repr(value) -> str:
+    """repr(value), cut to 40 characters for a message."""
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
 
@@ -138,8 +143,14 @@ def _at_least(low: int, high: int | None = None) -> Callable[[int], str | None]:
     return check
 
 
+def _prompt_text(value: str) -> str | None:
+    if len(value) > MAX_PROMPT:
+        return f"is {len(value)} characters long, more than {MAX_PROMPT} (the model reads about the first 300)"
+    return None
+
+
 def _nonempty(value: str) -> str | None:
-    return "is empty" if not value.strip() else None
+    return "is empty" if not value.strip() else _prompt_text(value)
 
 
 def _scheduler(value: str) -> str | None:
@@ -148,7 +159,8 @@ def _scheduler(value: str) -> str | None:
 
 FIELDS: tuple[Field, ...] = (
     Field("prompt", "text", "", "What to draw.", check=_nonempty, fix='give the text to draw, e.g. sdrun "a red fox"'),
-    Field("negative_prompt", "text", "", "What to steer away from.", ("--negative-prompt",)),
+    Field("negative_prompt", "text", "", "What to steer away from.", ("--negative-prompt",), check=_prompt_text,
+          fix="shorten it"),
     Field("steps", "int", 30, "Denoising steps.", ("--steps",), check=_at_least(1, MAX_STEPS),
           fix=f"use 1 to {MAX_STEPS} (20-50 is usual)"),
     Field("guidance", "float", 7.5, "Classifier-free guidance scale (1 or less turns it off).", ("--guidance",),
@@ -162,7 +174,7 @@ FIELDS: tuple[Field, ...] = (
     Field("seed", "int", None, "Seed of the first image; image k gets seed+k. Random (and recorded) if omitted.",
           ("--seed",), optional=True, check=_at_least(0, MAX_SEED), fix=f"use 0 to {MAX_SEED}"),
     Field("num_images", "int", 1, "Images per prompt.", ("-n", "--num-images"), check=_at_least(1, MAX_IMAGES),
-          fix="split a bigger batch into several prompt-file lines or runs"),
+          fix="split a bigger batch into several runs"),
     Field("output", "path", None, "A .png file, a folder (ending in /), or a template with {seed} {index} {prompt}.",
           optional=True),  # the run-wide -o is a RunConfig option; prompt-file lines may override it per item
     Field("init_image", "path", None, "Start from this image (img2img); --strength says how much to change it.",

@@ -30,8 +30,13 @@ DEFAULT_NAME_MAX = 255  # bytes per file name on ext4, XFS, btrfs, APFS, NTFS: u
 # The saved-latents file beside an image (batch.latents_path) is the longest name made from an image's name:
 # an image's name leaves it room, so an out-of-memory decode can always save its latents.
 LATENTS_SUFFIX = ".latents.safetensors"
+# Every file system with long names allows at least this many bytes per name (eCryptfs 143, the others 255): a
+# path whose names are all this short, latents name included, fits without asking the file system (a plan of
+# 100000 images would spend seconds asking for each path)
+SURELY_FITS = 143 - len(LATENTS_SUFFIX)
 TEMPORARY = re.compile(r"\..*\.sdrun-(\d+)-[a-z0-9_]+\.tmp", re.S)
 TEMPORARY_ROOM = len(".") + len(".sdrun-") + 10 + len("-") + 8 + len(".tmp")  # pid up to 10 digits, 8 random
+METADATA_DAMAGED = "the metadata was edited or damaged; make the image again with sdrun PROMPT"  # the fix to say
 
 
 class DiskFull(OutputError):
@@ -136,6 +141,8 @@ def fit_name_lengths(path: Path) -> Path:
     """`path` with every component short enough for the file system (a long prompt through a template, or a
     long -o). A shortened component keeps its start and extension and gains a hash of the full name, so names
     that differed still differ and a rerun maps to the same files."""
+    if all(len(os.fsencode(part)) <= SURELY_FITS for part in path.parts):
+        return path
     limit = _name_max(path.parent)
     *folders, name = path.parts
     fitted = [_fit(part, limit, "") for part in folders]
@@ -293,8 +300,8 @@ def _link_exclusive(tmp: str, path: Path) -> bool:
     return True
 
 
-def read_metadata(path: Path) -> dict:
-    """The `sdrun` chunk of a PNG written by sdrun."""
+def read_metadata(path: Path):
+    """The `sdrun` chunk of a PNG written by sdrun, as a JSON value."""
     try:
         with Image.open(path) as image:
             text = image.text.get("sdrun") if hasattr(image, "text") else None
@@ -302,7 +309,16 @@ def read_metadata(path: Path) -> dict:
         raise UsageError(f"cannot read {path} as a PNG image ({error}): give a PNG that sdrun wrote")
     if text is None:
         raise UsageError(f"{path} has no sdrun metadata (it was not made by sdrun, or the metadata was stripped)")
-    return json.loads(text)
+    return parse_metadata(text, path)
+
+
+def parse_metadata(text: str, source: Path):
+    """The JSON value of an `sdrun` metadata text (sdrun.recorded checks what it holds)."""
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as error:
+        reason = error.msg if isinstance(error, json.JSONDecodeError) else "nested too deeply"
+        raise UsageError(f"{source}: its sdrun metadata is not valid JSON ({reason}): {METADATA_DAMAGED}") from None
 
 
 def finished_metadata(path: Path) -> dict | None:

@@ -7,6 +7,7 @@
 The render itself (stages, denoising loop, decode) is in sdrun/render/; files and prompt lists in batch.py.
 """
 
+import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,7 +28,7 @@ class Engine:
     pipe: object
     device: torch.device
     flags: tuple[str, ...]  # backend names in effect, in application order
-    model: str  # as given to --model
+    model: str  # as given to --model; a local file or folder as an absolute path
     model_name: str  # short name for the A1111 `Model:` field
     family: str
     config_dir: str | None
@@ -172,8 +173,16 @@ def load(run: RunConfig, reporter, setup: RunSetup) -> Engine:
             pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     name = source.path.name if source.path is not None else run.model
-    return Engine(pipe, device, tuple(b.name for b in chosen), run.model, name, pipe.sdrun_family,
-                  run.config_dir, base_scheduler=pipe.scheduler)
+    return Engine(pipe, device, tuple(b.name for b in chosen), _recorded_path(run.model, source.path), name,
+                  pipe.sdrun_family, _recorded_path(run.config_dir, source.config_dir), base_scheduler=pipe.scheduler)
+
+
+def _recorded_path(spec: str | None, path: Path | None) -> str | None:
+    """What the metadata records for --model or --config: a local file or folder as an absolute path, so that
+    `sdrun replay` finds it from any folder; 'tiny', a Hub id or a bundled config name as given."""
+    if spec is None or path is None or not Path(spec).expanduser().exists():
+        return spec
+    return os.path.abspath(path)
 
 
 def scheduler_name(engine: Engine, requested: str | None) -> str:

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from sdrun import output
-from sdrun.config import Job, RunConfig, job_record
+from sdrun.config import Job, RunConfig, job_record, short_repr
 from sdrun.errors import OutputError, UsageError
 
 
@@ -63,17 +63,13 @@ def _differs_from_file(path: Path, planned: dict) -> str | None:
         return "it is not a complete PNG with sdrun metadata"
     for key, wanted in planned.items():
         have = found.get(key)
-        if wanted is None or have == wanted or (key == "model" and _same_file(have, wanted)):
+        if wanted is None or have == wanted or (key in ("model", "init_image") and _same_file(have, wanted)):
             continue
-        return f"its {key.replace('_', ' ')} is {_short(have)}, not {_short(wanted)}"
+        return f"its {key.replace('_', ' ')} is {short_repr(have)}, not {short_repr(wanted)}"
     return None
 
 
 def _same_file(a, b) -> bool:
-    """Two spellings of one model file or folder ("./m.safetensors" and "m.safetensors", or an absolute path)."""
+    """Two spellings of one file or folder ("./m.safetensors" and "m.safetensors", or the absolute path that
+    the metadata records)."""
     return isinstance(a, str) and os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
-
-
-def _short(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."

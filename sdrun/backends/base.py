@@ -37,7 +37,8 @@ class Option:
 @dataclass(frozen=True)
 class Backend:
     name: str  # registry key and module name; the flag is --name with dashes
-    help: str  # for --help: what it does, what it saves, what it costs
+    brief: str  # one line for `sdrun --help`: what it saves and what it costs
+    help: str  # for `sdrun run --help`: what it does, what it saves, what it costs
     apply: Callable = _nothing  # apply(pipe, device) -> optional one-line note for the user
     prepare: Callable = _nothing  # prepare(device), before the model loads; raises SdrunError when it fails
     needs_cuda: bool = False

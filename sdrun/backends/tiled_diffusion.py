@@ -9,6 +9,7 @@ from sdrun.backends.base import Backend, Option
 
 BACKEND = Backend(
     name="tiled_diffusion",
+    brief="saves denoiser memory at big sizes; costs coherence: each window sees its part",
     help="Denoise big images in overlapping windows of the model's native size, blended each step "
     "(Mixture-of-Diffusers style): denoiser memory follows the window, not the image; each window sees only "
     "its part of the prompt's picture, so use it for textures, landscapes and --hires refining.",

@@ -9,6 +9,7 @@ def apply(pipe, _device):
 
 BACKEND = Backend(
     name="vae_slicing",
+    brief="saves the decode memory that grows with --batch-size; costs a slower decode",
     help="Decode batched images one at a time: VAE memory no longer grows with --batch-size. Slightly slower.",
     apply=apply,
     lowers=("decode",),

@@ -10,6 +10,7 @@ TILE_SIZE, TILE_OVERLAP = 512, 64  # pixels: 64 latents, the SD 1.x VAE's native
 
 BACKEND = Backend(
     name="vae_tiling",
+    brief="saves decode memory at big sizes (4K in a few GB); costs a slower decode, faint seams",
     help="Decode and encode in overlapping tiles: VAE memory stays flat at large sizes (a 4K decode in a few GB "
     "instead of 21 GiB); faint seams or colour shifts between tiles are possible. A slower decode.",
     lowers=("decode",),

@@ -28,6 +28,7 @@ def apply(pipe, _device):
 
 BACKEND = Backend(
     name="xformers",
+    brief="saves attention memory (linear in image area); costs a 30 s build on first use",
     help="sdrun's own memory-efficient attention kernel (built for your torch; no xformers package needed). "
     "Memory linear in image area, like PyTorch's SDPA; on an H200 its attention is 1.07-1.39x PyTorch's fastest, "
     "a few percent per image. First use compiles it (about 30 s).",
