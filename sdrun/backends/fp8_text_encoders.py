@@ -10,7 +10,7 @@ def apply(pipe, _device):
 
 BACKEND = Backend(
     name="fp8_text_encoders",
-    brief="saves 40% of the text encoders' weights (SDXL 1.5 -> 0.86 GiB); prompts followed slightly less exactly",
+    brief="saves 40% of the text encoders' weights (SDXL 1.5 -> 0.86 GiB); costs how closely prompts are followed",
     help="Text encoder weights stored in 8-bit floats (e4m3), as --fp8 does for the UNet (SDXL: 1.5 -> 0.86 GiB "
     "at fp16). Token embeddings and the output projection stay in the model's dtype; prompts are followed slightly "
     "less exactly.",
