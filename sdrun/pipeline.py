@@ -33,6 +33,14 @@ class Engine:
     family: str
     config_dir: str | None
     base_scheduler: object = field(repr=False, default=None)
+    note: object = field(repr=False, default=None)  # the reporter's note: a line to the user on stderr
+    warned: set = field(repr=False, default_factory=set)
+
+    def warn(self, message: str) -> None:
+        """Tell the user once per run, however many chunks of images the same prompt renders in."""
+        if self.note is not None and message not in self.warned:
+            self.warned.add(message)
+            self.note(message)
 
     @property
     def native_size(self) -> tuple[int, int]:
@@ -174,7 +182,8 @@ def load(run: RunConfig, reporter, setup: RunSetup) -> Engine:
     pipe.set_progress_bar_config(disable=True)
     name = source.path.name if source.path is not None else run.model
     return Engine(pipe, device, tuple(b.name for b in chosen), _recorded_path(run.model, source.path), name,
-                  pipe.sdrun_family, _recorded_path(run.config_dir, source.config_dir), base_scheduler=pipe.scheduler)
+                  pipe.sdrun_family, _recorded_path(run.config_dir, source.config_dir), base_scheduler=pipe.scheduler,
+                  note=reporter.note)
 
 
 def _recorded_path(spec: str | None, path: Path | None) -> str | None:

@@ -15,7 +15,7 @@ import torch
 from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
 
 from sdrun.errors import OutOfMemory, SdrunError
-from sdrun.render import images, sampling, vae_tiles
+from sdrun.render import images, prompts, sampling, vae_tiles
 from sdrun.render.plan import RenderPlan, StagePlan
 from sdrun.render.tiling import tiled
 from sdrun.schedulers import make_scheduler
@@ -72,19 +72,21 @@ class Canvas:
 # ---------------------------------------------------------------------------------------------- the stages
 
 def encode_prompt(engine, job, step: StagePlan, canvas: Canvas) -> Canvas:
-    """Text -> conditioning through diffusers' encode_prompt, the unconditional half first under guidance."""
-    pipe, device, guidance = engine.pipe, canvas.device, job.guidance > 1
-    negative_prompt = job.negative_prompt or None
+    """Text -> conditioning (prompts.py: any length, A1111 emphasis), the unconditional half first under guidance."""
+    pipe, device, guidance, count = engine.pipe, canvas.device, job.guidance > 1, canvas.count
+    encoded = prompts.encode(pipe, engine.family, job.prompt, job.negative_prompt, guidance)
+    if encoded.dropped:
+        engine.warn(f"sdrun: warning: the prompt is longer than {prompts.MAX_CHUNKS * prompts.CHUNK} tokens; "
+                    f"this part of it is ignored: {encoded.dropped!r}")
+    embeds = encoded.embeds.repeat(count, 1, 1)
+    if guidance:
+        embeds = torch.cat([encoded.negative.repeat(count, 1, 1), embeds])
+    added = None
     if engine.family == "sdxl":
-        embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
-            prompt=job.prompt, device=device, num_images_per_prompt=canvas.count,
-            do_classifier_free_guidance=guidance, negative_prompt=negative_prompt)
+        pooled = encoded.pooled.repeat(count, 1)
         if guidance:
-            embeds, pooled = torch.cat([negative, embeds]), torch.cat([negative_pooled, pooled])
+            pooled = torch.cat([encoded.negative_pooled.repeat(count, 1), pooled])
         added = {"text_embeds": pooled.to(device)}  # prepare_latents adds the size conditioning of each pass
-    else:
-        embeds, negative = pipe.encode_prompt(job.prompt, device, canvas.count, guidance, negative_prompt)
-        embeds, added = (torch.cat([negative, embeds]) if guidance else embeds), None
     canvas.cond = sampling.Conditioning(embeds.to(device), added, 2 if guidance else 1)
     return canvas
 
