@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from sdrun import backends, output, pipeline, targets
+from sdrun import adapters, backends, hashes, output, pipeline, targets
 from sdrun.config import MAX_IMAGES, Job, RunConfig, job_from_mapping, job_record, validate, with_seed
 from sdrun.entry import unwind_on_interrupt
 from sdrun.errors import OutOfMemory, OutputError, SdrunError, UsageError
@@ -406,6 +406,8 @@ def metadata(engine, run: RunConfig, plan, item: Item, notes: DecodeNotes) -> di
         "model": engine.model,
         "model_name": engine.model_name,
         "model_family": engine.family,
+        "model_hash": hashes.model_hash(engine.model),
+        **adapters.record(engine.adapters, job),
         "config_dir": engine.config_dir,
         "vae": run.vae,
         "flags": list(engine.flags),

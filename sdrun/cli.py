@@ -22,7 +22,7 @@ from pathlib import Path
 
 import click
 
-from sdrun import __version__, backends
+from sdrun import __version__, adapters, backends
 from sdrun.config import BY_NAME, DEFAULT_MODEL, DEFAULT_OUTPUT, FIELDS, REPLAY_KEYS, Job, RunConfig, validate
 from sdrun.errors import EXIT_INTERRUPTED, OutOfMemory, SdrunError, UsageError
 
@@ -125,7 +125,7 @@ def cli():
     Environment:
       SDRUN_MODEL           default for --model
       SDRUN_DEBUG=1         full tracebacks; verbose kernel build
-      SDRUN_CACHE           where the compiled attention kernel is cached (~/.cache/sdrun)
+      SDRUN_CACHE           where the compiled attention kernel and file hashes are cached (~/.cache/sdrun)
       SDRUN_SKIP_CUDA_BUILD=1, SDRUN_CUDA_ARCHS, NVCC_THREADS   ahead-of-time kernel build (setup.py)
 
     Exit codes: 0 done, 1 could not start (or the disk filled up), 2 usage, 3 some items failed, 4 out of GPU
@@ -207,7 +207,7 @@ def run_options(fn):
                      "processes."),
     ]):
         fn = option(fn)
-    return job_options(common_options(fn))
+    return job_options(adapters.options(common_options(fn)))
 
 
 def _gpus_value(_ctx, _param, value: str | None) -> str | None:
@@ -228,7 +228,7 @@ def _run_config(options: dict, **fixed) -> RunConfig:
                     raise UsageError(f"{option.flag} needs {backend.flag}: add {backend.flag}, or drop {option.flag}")
                 backend_options[option.name] = value
     return RunConfig(flags=flags, backend_options=backend_options, max_vram=options.pop("max_vram", None),
-                     vae=options.pop("vae", None), **fixed)
+                     vae=options.pop("vae", None), adapters=adapters.from_options(options), **fixed)
 
 
 def _jobs(prompt, prompt_file, fail_fast: bool, options: dict):
@@ -342,7 +342,8 @@ def replay(image, changes, output, device, quiet, overwrite, **options):
     from sdrun.output import read_metadata
     from sdrun.recorded import parse_changes, read_record
 
-    recorded = read_record(read_metadata(Path(image)), Path(image), parse_changes(changes))
+    meta = read_metadata(Path(image))
+    recorded = read_record(meta, Path(image), parse_changes(changes))
     given = _run_config(options)
     target = output or str(Path(image).with_name(Path(image).stem + "-replay.png"))
     run_config = RunConfig(model=recorded.model, config_dir=recorded.config_dir, vae=given.vae or recorded.vae,
@@ -350,6 +351,7 @@ def replay(image, changes, output, device, quiet, overwrite, **options):
                            backend_options={**recorded.backend_options, **given.backend_options},
                            max_vram=given.max_vram or recorded.max_vram, output=target,
                            batch_size=recorded.batch_size, overwrite=overwrite, quiet=quiet,
+                           adapters=adapters.from_record(meta, Path(image)),
                            extra={"replayed_from": str(image)})
     _generate(run_config, [(None, recorded.job)], [])
 

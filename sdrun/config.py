@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field, make_dataclass, replace
 from typing import Any, Callable
 
+from sdrun.adapters import Adapters
 from sdrun.errors import UsageError
 from sdrun.output import check_metadata_text
 from sdrun.schedulers import SAMPLERS
@@ -265,4 +266,5 @@ class RunConfig:
     json_lines: bool = False
     allow_outside_output: bool = False  # a prompt file's per-line output may leave the -o folder
     extra: dict = field(default_factory=dict)  # recorded into metadata as is (e.g. what replay changed)
+    adapters: Adapters = Adapters()  # LoRAs and embeddings (adapters.py); plan_run settles the run's whole set
 

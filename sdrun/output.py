@@ -34,6 +34,7 @@ LATENTS_SUFFIX = ".latents.safetensors"
 # path whose names are all this short, latents name included, fits without asking the file system (a plan of
 # 100000 images would spend seconds asking for each path)
 SURELY_FITS = 143 - len(LATENTS_SUFFIX)
+NOT_IN_NAMES = str.maketrans("", "", ":,")  # what A1111 strips from LoRA and embedding names in its hash fields
 TEMPORARY = re.compile(r"\..*\.sdrun-(\d+)-[a-z0-9_]+\.tmp", re.S)
 TEMPORARY_ROOM = len(".") + len(".sdrun-") + 10 + len("-") + 8 + len(".tmp")  # pid up to 10 digits, 8 random
 METADATA_DAMAGED = "the metadata was edited or damaged; make the image again with sdrun PROMPT"  # the fix to say
@@ -236,12 +237,17 @@ def a1111_parameters(meta: dict) -> str:
     if meta["negative_prompt"]:
         lines.append(f"Negative prompt: {meta['negative_prompt']}")
     fields = (f"Steps: {meta['steps']}, Sampler: {meta['sampler']}, CFG scale: {meta['guidance']}, Seed: {meta['seed']}, "
-              f"Size: {meta['width']}x{meta['height']}, Model: {meta['model_name']}")
+              f"Size: {meta['width']}x{meta['height']}, "
+              + (f"Model hash: {meta['model_hash']}, " if meta.get("model_hash") else "") + f"Model: {meta['model_name']}")
     if meta.get("init_image") and meta.get("strength", 1) < 1:
         fields += f", Denoising strength: {meta['strength']}"
     if meta.get("hires"):
         fields += (f", Hires resize: {meta['hires']}, Hires steps: {meta.get('hires_steps') or meta['steps']}, "
                    f"Hires upscaler: Bicubic, Denoising strength: {meta['hires_strength']}")
+    for label, key, name in (("Lora hashes", "loras", "name"), ("TI hashes", "embeddings", "token")):
+        if meta.get(key):  # A1111 quotes a value holding commas; names lose ':' and ',' (extra_networks_lora.py)
+            pairs = ", ".join(f"{entry[name].translate(NOT_IN_NAMES)}: {entry['hash']}" for entry in meta[key])
+            fields += f', {label}: "{pairs}"'
     lines.append(f"{fields}, Version: sdrun {meta['versions']['sdrun']}")
     return "\n".join(lines)
 

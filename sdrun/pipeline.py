@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from sdrun import backends, models, vae_file
+from sdrun import adapters, backends, models, vae_file
 from sdrun.config import RunConfig
 from sdrun.errors import UsageError
 from sdrun.render.images import image_size
@@ -33,6 +33,7 @@ class Engine:
     family: str
     config_dir: str | None
     base_scheduler: object = field(repr=False, default=None)
+    adapters: object = None  # adapters.Loaded: the LoRAs and embeddings in pipe, or None
     note: object = field(repr=False, default=None)  # the reporter's note: a line to the user on stderr
     warned: set = field(repr=False, default_factory=set)
 
@@ -141,6 +142,7 @@ def plan_run(run: RunConfig, jobs: list, predict_only: bool = False) -> RunPlans
     """Check the run and plan every job, before any weights load. With --max-vram, the backends the plans add
     (fp16, tiling, offload) become the run's, since the model loads once with one set of them."""
     setup = check_run(run, predict_only)
+    run = replace(run, adapters=adapters.resolve(run.adapters, jobs))
     info = model_info(setup.source)
     jobs = list(dict.fromkeys(jobs))
     plans = _plan_jobs(run, setup, info, jobs)
@@ -173,6 +175,7 @@ def load(run: RunConfig, reporter, setup: RunSetup) -> Engine:
         pipe = models.load_pipeline(source, torch_dtype=backends.load_dtype(chosen), note=reporter.note)
         if setup.vae is not None:
             vae_file.replace_vae(pipe, setup.vae, backends.load_dtype(chosen))
+        loaded = adapters.load(pipe, run.adapters) if run.adapters else None  # before backends touch the layers
         for backend in chosen:
             note = backend.apply(pipe, device)
             if note:
@@ -183,7 +186,7 @@ def load(run: RunConfig, reporter, setup: RunSetup) -> Engine:
     name = source.path.name if source.path is not None else run.model
     return Engine(pipe, device, tuple(b.name for b in chosen), _recorded_path(run.model, source.path), name,
                   pipe.sdrun_family, _recorded_path(run.config_dir, source.config_dir), base_scheduler=pipe.scheduler,
-                  note=reporter.note)
+                  adapters=loaded, note=reporter.note)
 
 
 def _recorded_path(spec: str | None, path: Path | None) -> str | None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
 
+from sdrun import adapters
 from sdrun.errors import OutOfMemory, SdrunError
 from sdrun.render import images, prompts, sampling, vae_tiles
 from sdrun.render.plan import RenderPlan, StagePlan
@@ -74,7 +75,8 @@ class Canvas:
 def encode_prompt(engine, job, step: StagePlan, canvas: Canvas) -> Canvas:
     """Text -> conditioning (prompts.py: any length, A1111 emphasis), the unconditional half first under guidance."""
     pipe, device, guidance, count = engine.pipe, canvas.device, job.guidance > 1, canvas.count
-    encoded = prompts.encode(pipe, engine.family, job.prompt, job.negative_prompt, guidance)
+    adapters.activate(pipe, engine.adapters, job)
+    encoded = prompts.encode(pipe, engine.family, adapters.without_tags(job.prompt), job.negative_prompt, guidance)
     if encoded.dropped:
         engine.warn(f"sdrun: warning: the prompt is longer than {prompts.MAX_CHUNKS * prompts.CHUNK} tokens; "
                     f"this part of it is ignored: {encoded.dropped!r}")
