@@ -89,7 +89,8 @@ setup(
                   "sdrun": ["build_info.json"]},
     include_package_data=False,
     install_requires=["torch>=2.4", "diffusers>=0.32", "transformers>=4.45", "accelerate>=0.33", "safetensors>=0.8",
-                      "click>=8.1", "rich>=13", "pillow>=10", "scipy", "ninja", "peft>=0.15"],  # scipy: LMS sampler; ninja: kernel JIT; peft: LoRA
+                      "click>=8.1", "rich>=13", "pillow>=10", "scipy", "ninja", "peft>=0.15"],
+    # scipy: LMS sampler; ninja: kernel JIT; peft: LoRA loading (diffusers' backend for it)
     extras_require={"test": ["pytest"]},
     entry_points={"console_scripts": ["sdrun=sdrun.entry:main"]},
     **extension_kwargs(),

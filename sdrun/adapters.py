@@ -179,7 +179,6 @@ class Loaded:
 
     adapters: Adapters
     names: tuple[str, ...]  # PEFT adapter names, one per LoRA (empty once fused)
-    tokens: dict  # embedding token -> path
 
 
 def load(pipe, adapters: Adapters) -> Loaded:
@@ -190,7 +189,8 @@ def load(pipe, adapters: Adapters) -> Loaded:
     logging.set_verbosity_error()  # diffusers logs what fails (and we raise it) and PEFT notes we do not need
     try:
         names = tuple(_load_lora(pipe, lora, f"lora{i}") for i, lora in enumerate(adapters.loras))
-        tokens = {_load_embedding(pipe, path): path for path in adapters.embeddings}
+        for path in adapters.embeddings:
+            _load_embedding(pipe, path)
     finally:
         logging.set_verbosity(verbosity)
     if names and adapters.fused is not None:
@@ -198,7 +198,7 @@ def load(pipe, adapters: Adapters) -> Loaded:
         pipe.fuse_lora(adapter_names=list(names), lora_scale=1.0)
         pipe.unload_lora_weights()  # the weights hold them now: no LoRA layers left to slow each step
         names = ()
-    return Loaded(adapters, names, tokens)
+    return Loaded(adapters, names)
 
 
 def _load_lora(pipe, lora: LoraRef, adapter: str) -> str:
@@ -214,7 +214,7 @@ def _load_lora(pipe, lora: LoraRef, adapter: str) -> str:
     return adapter
 
 
-def _load_embedding(pipe, path: str) -> str:
+def _load_embedding(pipe, path: str) -> None:
     token = Path(path).stem
     state = _read(Path(path), pipe.text_encoder.dtype)
     try:
@@ -229,7 +229,6 @@ def _load_embedding(pipe, path: str) -> str:
         raise ModelError(f"{path} is not a textual-inversion embedding for this {pipe.sdrun_family} model "
                          f"({_first_line(error)}): give an embedding trained for this model's family, or rename "
                          "the file if its name is already a word of the tokenizer") from None
-    return token
 
 
 def _read(path: Path, dtype) -> dict:
@@ -263,14 +262,14 @@ def activate(pipe, loaded: Loaded | None, job) -> None:
 
 # ---------------------------------------------------------------------------------------------- metadata
 
-def record(loaded: Loaded | None, job) -> dict:
-    """The job's LoRAs (weight not 0) and the embeddings its prompts use, with A1111's hashes: replay reloads them."""
-    if loaded is None:
-        return {"loras": [], "embeddings": []}
+def record(adapters: Adapters, job) -> dict:
+    """The job's LoRAs (weight not 0) and the embeddings its prompts use, with A1111's hashes: for the metadata
+    (replay reloads them) and for --skip-existing (an image made with other adapters is not this one)."""
     loras = [{"name": lora.name, "path": lora.path, "weight": lora.weight, "applied": weight,
               "hash": hashes.lora_hash(lora.path)}
-             for lora, weight in zip(loaded.adapters.loras, job_weights(loaded.adapters, job)) if weight != 0]
-    embeddings = [{"token": token, "path": path, "hash": hashes.file_hash(path)} for token, path in loaded.tokens.items()
+             for lora, weight in zip(adapters.loras, job_weights(adapters, job)) if weight != 0]
+    tokens = {Path(path).stem: path for path in adapters.embeddings}
+    embeddings = [{"token": token, "path": path, "hash": hashes.file_hash(path)} for token, path in tokens.items()
                   if mentions(job.prompt, token) or mentions(job.negative_prompt, token)]
     return {"loras": loras, "embeddings": embeddings}
 

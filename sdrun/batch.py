@@ -407,7 +407,7 @@ def metadata(engine, run: RunConfig, plan, item: Item, notes: DecodeNotes) -> di
         "model_name": engine.model_name,
         "model_family": engine.family,
         "model_hash": hashes.model_hash(engine.model),
-        **adapters.record(engine.adapters, job),
+        **adapters.record(run.adapters, job),
         "config_dir": engine.config_dir,
         "vae": run.vae,
         "flags": list(engine.flags),

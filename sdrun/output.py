@@ -236,9 +236,9 @@ def a1111_parameters(meta: dict) -> str:
     lines = [meta["prompt"]]
     if meta["negative_prompt"]:
         lines.append(f"Negative prompt: {meta['negative_prompt']}")
+    model_hash = f"Model hash: {meta['model_hash']}, " if meta.get("model_hash") else ""
     fields = (f"Steps: {meta['steps']}, Sampler: {meta['sampler']}, CFG scale: {meta['guidance']}, Seed: {meta['seed']}, "
-              f"Size: {meta['width']}x{meta['height']}, "
-              + (f"Model hash: {meta['model_hash']}, " if meta.get("model_hash") else "") + f"Model: {meta['model_name']}")
+              f"Size: {meta['width']}x{meta['height']}, {model_hash}Model: {meta['model_name']}")
     if meta.get("init_image") and meta.get("strength", 1) < 1:
         fields += f", Denoising strength: {meta['strength']}"
     if meta.get("hires"):

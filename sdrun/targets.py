@@ -2,14 +2,15 @@
 
 - a prompt-file line's own `output` is taken inside the -o folder and may not leave it (--allow-outside-output);
 - a file at a planned path is replaced only with --overwrite, and kept only with --skip-existing when it is that
-  very image (same prompt, negative prompt, seed, steps, guidance, size, scheduler and model): else refused;
+  very image (same prompt, negative prompt, seed, steps, guidance, size, scheduler, model, LoRAs and embeddings):
+  else refused;
 - a folder there fails only its own item.
 """
 
 import os
 from pathlib import Path
 
-from sdrun import output
+from sdrun import adapters, output
 from sdrun.config import Job, RunConfig, job_record, short_repr
 from sdrun.errors import OutputError, UsageError
 
@@ -51,7 +52,8 @@ def refuse_files_in_the_way(items: list, run: RunConfig) -> None:
 def differs(item, run: RunConfig) -> str | None:
     """Why the file at the path of `item` (a batch.Item) is not its image, or None when it is (so a resumed batch keeps it)."""
     fields = {key: value for key, value in job_record(item.job).items() if key not in ("output", "num_images")}
-    return _differs_from_file(item.path, {**fields, "seed": item.seed, "model": run.model})
+    planned = {**fields, "seed": item.seed, "model": run.model, **adapters.record(run.adapters, item.job)}
+    return _differs_from_file(item.path, planned)
 
 
 def _differs_from_file(path: Path, planned: dict) -> str | None:

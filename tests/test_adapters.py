@@ -45,7 +45,8 @@ def lora_tensors(components: dict, layout: str, seed: int = 1) -> dict:
 def adapter_files(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("adapters")
     pipe, xl = models.build_tiny(), tiny_sdxl()
-    save_file(lora_tensors({"lora_unet_": pipe.unet, "lora_te_": pipe.text_encoder}, "kohya"), folder / "ink.safetensors")
+    save_file(lora_tensors({"lora_unet_": pipe.unet, "lora_te_": pipe.text_encoder}, "kohya"),
+              folder / "ink.safetensors")
     save_file(lora_tensors({"unet": pipe.unet, "text_encoder": pipe.text_encoder}, "diffusers", seed=2),
               folder / "chalk.safetensors")
     save_file(lora_tensors({"lora_unet_": xl.unet, "lora_te1_": xl.text_encoder}, "kohya"), folder / "xl.safetensors")
@@ -115,7 +116,8 @@ def test_hashes_are_a1111s_and_round_trip_through_replay(sdrun, adapter_files):
     data_hash = hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()[:12]
     file_hash = hashlib.sha256(embedding.read_bytes()).hexdigest()[:10]
     recorded = meta("orig.png")
-    assert [(e["name"], e["weight"], e["applied"], e["hash"]) for e in recorded["loras"]] == [("ink", None, 0.7, data_hash)]
+    entries = [(e["name"], e["weight"], e["applied"], e["hash"]) for e in recorded["loras"]]
+    assert entries == [("ink", None, 0.7, data_hash)]
     assert recorded["embeddings"][0]["hash"] == file_hash
     from PIL import Image
     with Image.open("orig.png") as image:
@@ -140,3 +142,11 @@ def test_hashes_are_cached_per_path_size_and_mtime(tmp_path):
     save_file({"x": torch.ones(3)}, model)  # rewritten: size or mtime changes, hashed again
     assert hashes.model_hash(str(model)) == hashlib.sha256(model.read_bytes()).hexdigest()[:10]
     assert hashes.model_hash("tiny") is None
+
+
+def test_skip_existing_keeps_only_an_image_made_with_the_same_loras(sdrun, adapter_files):
+    lora = adapter_files / "ink.safetensors"
+    assert sdrun("a fox", *RUN, "--lora", f"{lora}:0.5", "-o", "fox.png").exit_code == 0
+    assert sdrun("a fox", *RUN, "--lora", f"{lora}:0.5", "-o", "fox.png", "--skip-existing").exit_code == 0
+    result = sdrun("a fox", *RUN, "--lora", f"{lora}:0.9", "-o", "fox.png", "--skip-existing")
+    assert result.exit_code == 1 and "its loras is" in result.stderr, result
