@@ -21,7 +21,7 @@ from pathlib import Path
 
 import click
 
-from sdrun import hashes
+from sdrun import hashes, ip_adapter
 from sdrun.errors import ModelError, UsageError
 
 LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?(?::[^>]*)?>")  # A1111's <lora:name:te-weight[:unet-weight]>
@@ -49,9 +49,13 @@ class Adapters:
     embeddings: tuple[str, ...] = ()  # paths
     embedding_dir: str | None = None
     fused: tuple[float, ...] | None = None  # every job's weights, when they are one set: the LoRAs are fused
+    ip_adapter: str | None = None  # ip_adapter.py: an IP-Adapter file, its image and scale for the whole run
+    ip_image: str | None = None
+    ip_scale: float = 1.0
+    ip_image_encoder: str | None = None  # its CLIP image encoder folder (None: image_encoder/ beside the file)
 
     def __bool__(self) -> bool:
-        return bool(self.loras or self.embeddings)
+        return bool(self.loras or self.embeddings or self.ip_adapter)
 
 
 # ---------------------------------------------------------------------------------------------- options
@@ -68,14 +72,15 @@ def options(fn):
                      help="Textual-inversion embeddings, each triggered by its file name in a prompt."),
     ]):
         fn = option(fn)
-    return fn
+    return ip_adapter.options(fn)
 
 
 def from_options(options: dict) -> Adapters:
     """Pop this module's options out of a command's options."""
     lora_dir = options.pop("lora_dir", None)
     return Adapters(tuple(parse_lora(text, lora_dir) for text in options.pop("loras", ())), lora_dir,
-                    tuple(options.pop("embeddings", ())), options.pop("embedding_dir", None))
+                    tuple(options.pop("embeddings", ())), options.pop("embedding_dir", None),
+                    **ip_adapter.pop_options(options))
 
 
 def parse_lora(text: str, lora_dir: str | None) -> LoraRef:
@@ -125,6 +130,7 @@ def job_weights(adapters: Adapters, job) -> tuple[float, ...]:
 def resolve(adapters: Adapters, jobs: list) -> Adapters:
     """The run's set: --lora's files plus every LoRA a prompt names, --embedding's files plus the embeddings of
     --embedding-dir a prompt uses; every file checked; fused when every job uses the same weights."""
+    ip_adapter.check(adapters)
     loras = {lora.name: lora for lora in adapters.loras}
     for job in jobs:
         for name in prompt_loras(job.prompt):
@@ -191,6 +197,8 @@ def load(pipe, adapters: Adapters) -> Loaded:
         names = tuple(_load_lora(pipe, lora, f"lora{i}") for i, lora in enumerate(adapters.loras))
         for path in adapters.embeddings:
             _load_embedding(pipe, path)
+        if adapters.ip_adapter:
+            ip_adapter.load(pipe, adapters, LOAD_ERRORS)
     finally:
         logging.set_verbosity(verbosity)
     if names and adapters.fused is not None:
@@ -271,7 +279,10 @@ def record(adapters: Adapters, job) -> dict:
     tokens = {Path(path).stem: path for path in adapters.embeddings}
     embeddings = [{"token": token, "path": path, "hash": hashes.file_hash(path)} for token, path in tokens.items()
                   if mentions(job.prompt, token) or mentions(job.negative_prompt, token)]
-    return {"loras": loras, "embeddings": embeddings}
+    ip = adapters.ip_adapter and {"path": adapters.ip_adapter, "image": adapters.ip_image, "scale": adapters.ip_scale,
+                                  "image_encoder": str(ip_adapter.encoder_folder(adapters)),
+                                  "hash": hashes.file_hash(adapters.ip_adapter)}
+    return {"loras": loras, "embeddings": embeddings, "ip_adapter": ip or None}
 
 
 def from_record(meta: dict, source: Path) -> Adapters:

@@ -150,3 +150,56 @@ def test_skip_existing_keeps_only_an_image_made_with_the_same_loras(sdrun, adapt
     assert sdrun("a fox", *RUN, "--lora", f"{lora}:0.5", "-o", "fox.png", "--skip-existing").exit_code == 0
     result = sdrun("a fox", *RUN, "--lora", f"{lora}:0.9", "-o", "fox.png", "--skip-existing")
     assert result.exit_code == 1 and "its loras is" in result.stderr, result
+
+
+def write_ip_adapter(folder: Path, unet, tokens: int = 4) -> Path:
+    """A random IP-Adapter in h94/IP-Adapter's layout for `unet`, with a tiny CLIP image encoder beside it in
+    image_encoder/: image_proj.{proj,norm} and ip_adapter.{1,3,5,...}.to_{k,v}_ip, one pair per cross-attention."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(7)
+    width = unet.config.cross_attention_dim
+    CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+        patch_size=8, projection_dim=24)).save_pretrained(folder / "image_encoder")
+    tensors = {"image_proj.proj.weight": torch.randn(width * tokens, 24) * 0.3,
+               "image_proj.proj.bias": torch.zeros(width * tokens),
+               "image_proj.norm.weight": torch.ones(width), "image_proj.norm.bias": torch.zeros(width)}
+    cross = [name for name in unet.attn_processors if not name.endswith("attn1.processor")]
+    for i, name in enumerate(cross):
+        inner = unet.get_submodule(name.removesuffix(".processor")).to_k.out_features
+        for kind in ("k", "v"):
+            tensors[f"ip_adapter.{2 * i + 1}.to_{kind}_ip.weight"] = torch.randn(inner, width) * 0.3
+    save_file(tensors, folder / "ip-adapter_tiny.safetensors")
+    return folder / "ip-adapter_tiny.safetensors"
+
+
+def test_ip_adapter_loads_in_the_real_layout_and_its_image_steers(sdrun, adapter_files, tmp_path):
+    from PIL import Image
+
+    adapter = write_ip_adapter(tmp_path, models.build_tiny().unet)
+    Image.new("RGB", (40, 40), (200, 30, 30)).save("red.png")
+    Image.new("RGB", (40, 40), (30, 30, 200)).save("blue.png")
+    base = made(sdrun, "a fox")
+    red = made(sdrun, "a fox", "--ip-adapter", adapter, "--ip-image", "red.png")
+    assert np.abs(red - base).max() > 0.01
+    assert meta("out.png")["ip_adapter"]["scale"] == 1.0
+    Path("out.png").rename("red-orig.png")
+    assert not np.array_equal(made(sdrun, "a fox", "--ip-adapter", adapter, "--ip-image", "blue.png"), red)
+    assert np.array_equal(made(sdrun, "a fox", "--ip-adapter", adapter, "--ip-image", "red.png",
+                               "--ip-scale", "0"), base)
+    result = sdrun("replay", "red-orig.png")
+    assert result.exit_code == 0 and np.array_equal(pixels("red-orig-replay.png"), red), result
+    Path("not-an-image.png").write_text("text")
+    for args, message in [(("--ip-image", "red.png"), "--ip-image needs --ip-adapter"),
+                          (("--ip-adapter", adapter), "needs --ip-image"),
+                          (("--ip-adapter", adapter, "--ip-image", "not-an-image.png"), "not a readable image"),
+                          (("--ip-adapter", adapter_files / "ink.safetensors", "--ip-image", "red.png"),
+                           "image encoder is not at")]:
+        result = sdrun("a fox", *RUN, *args, "-o", "never.png")
+        assert result.exit_code == 2 and message in result.stderr, (args, result)
+    result = sdrun("a fox", *RUN, "--ip-adapter", adapter_files / "ink.safetensors", "--ip-image", "red.png",
+                   "--ip-image-encoder", tmp_path / "image_encoder", "-o", "never.png")
+    assert result.exit_code == 1 and "is not an IP-Adapter for this tiny model" in result.stderr, result
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not Path("never.png").exists()

@@ -25,14 +25,14 @@ class Conditioning:
     """Text conditioning of a batch, with the unconditional half first when guidance is on (diffusers' order)."""
 
     embeds: torch.Tensor  # (halves * batch, tokens, width)
-    added: dict | None = None  # SDXL: {"text_embeds": pooled, "time_ids": size conditioning}, same layout
+    added: dict | None = None  # SDXL: {"text_embeds": pooled, "time_ids": size conditioning}, same layout;
+    # with an IP-Adapter also "image_embeds": a list of tensors, one per adapter, same layout
     halves: int = 2  # 2 with classifier-free guidance (uncond, cond), 1 without
 
     def half(self, index: int) -> "Conditioning":
         """The unconditional (0) or conditional (1) half alone."""
         pick = lambda t: t.chunk(self.halves)[index]  # noqa: E731
-        added = {key: pick(value) for key, value in self.added.items()} if self.added else None
-        return Conditioning(pick(self.embeds), added, 1)
+        return Conditioning(pick(self.embeds), _map_added(pick, self.added), 1)
 
     def repeat(self, times: int) -> "Conditioning":
         """Each half tiled `times` times: the conditioning of a batch made of `times` windows of every image,
@@ -41,8 +41,14 @@ class Conditioning:
         def tile(t: torch.Tensor) -> torch.Tensor:
             return torch.cat([h.repeat(times, *[1] * (h.dim() - 1)) for h in t.chunk(self.halves)])
 
-        added = {key: tile(value) for key, value in self.added.items()} if self.added else None
-        return Conditioning(tile(self.embeds), added, self.halves)
+        return Conditioning(tile(self.embeds), _map_added(tile, self.added), self.halves)
+
+
+def _map_added(fn, added: dict | None) -> dict | None:
+    """`fn` over every tensor of the added conditioning (a list of IP-Adapter image embeddings included)."""
+    if not added:
+        return None
+    return {key: [fn(t) for t in value] if isinstance(value, list) else fn(value) for key, value in added.items()}
 
 
 def unet_model(unet, cond: Conditioning) -> Callable[[torch.Tensor, torch.Tensor, Conditioning], torch.Tensor]:

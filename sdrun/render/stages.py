@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
 
-from sdrun import adapters
+from sdrun import adapters, ip_adapter
 from sdrun.errors import OutOfMemory, SdrunError
 from sdrun.render import images, prompts, sampling, vae_tiles
 from sdrun.render.plan import RenderPlan, StagePlan
@@ -89,6 +89,9 @@ def encode_prompt(engine, job, step: StagePlan, canvas: Canvas) -> Canvas:
         if guidance:
             pooled = torch.cat([encoded.negative_pooled.repeat(count, 1), pooled])
         added = {"text_embeds": pooled.to(device)}  # prepare_latents adds the size conditioning of each pass
+    if engine.adapters is not None and engine.adapters.adapters.ip_adapter:
+        run_adapters = engine.adapters.adapters
+        added = (added or {}) | {"image_embeds": ip_adapter.image_embeds(pipe, run_adapters, count, guidance, device)}
     canvas.cond = sampling.Conditioning(embeds.to(device), added, 2 if guidance else 1)
     return canvas
 
