@@ -133,7 +133,7 @@ def prepare_latents(engine, job, step: StagePlan, canvas: Canvas) -> Canvas:
     the first kept timestep. Strength 1 is exactly text-to-image, the image ignored."""
     unet, scale = engine.pipe.unet, engine.pipe.vae_scale_factor
     shape = (canvas.count, unet.config.in_channels, step.height // scale, step.width // scale)
-    if canvas.cond.added is not None:  # SDXL: each pass is conditioned on its own size (a --hires refine, larger)
+    if engine.family == "sdxl":  # each pass is conditioned on its own size (a --hires refine, larger)
         time_ids = _sdxl_time_ids(engine.pipe, step, canvas.cond.embeds.dtype, len(canvas.cond.embeds))
         canvas.cond.added["time_ids"] = time_ids.to(canvas.device)
     noise = randn_tensor(shape, generator=canvas.generators, device=canvas.device, dtype=canvas.cond.embeds.dtype)
