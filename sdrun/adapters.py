@@ -61,6 +61,7 @@ class Adapters:
 # ---------------------------------------------------------------------------------------------- options
 
 def options(fn):
+    fn = ip_adapter.options(fn)  # listed after these
     for option in reversed([
         click.option("--lora", "loras", multiple=True, metavar="FILE[:WEIGHT]",
                      help="A LoRA (kohya/A1111 or diffusers layout) for every image, at WEIGHT (default 1); "
@@ -72,7 +73,7 @@ def options(fn):
                      help="Textual-inversion embeddings, each triggered by its file name in a prompt."),
     ]):
         fn = option(fn)
-    return ip_adapter.options(fn)
+    return fn
 
 
 def from_options(options: dict) -> Adapters:
@@ -164,7 +165,7 @@ def mentions(text: str, token: str) -> bool:
 def _check_lora_file(path: Path) -> None:
     """Before loading anything: a .safetensors LoRA must hold LoRA tensors (its header says so)."""
     if path.suffix.lower() != ".safetensors":
-        return  # a pickle is read, weights only, at load time (checkpoint.py)
+        return  # a pickle is checked when it loads (weights only: _read)
     from safetensors import SafetensorError, safe_open
 
     try:
