@@ -35,9 +35,14 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
-def isolated(tmp_path, monkeypatch):
-    """Each test runs in its own empty folder (the Hub is off for the whole session: pytest_configure)."""
+def isolated(tmp_path, tmp_path_factory, monkeypatch):
+    """Each test runs in its own empty folder (the Hub is off for the whole session: pytest_configure), with
+    its own cache of file hashes (not the user's)."""
+    from sdrun import hashes
+
     monkeypatch.chdir(tmp_path)
+    hash_cache = tmp_path_factory.mktemp("hash-cache") / "hashes.json"
+    monkeypatch.setattr(hashes, "cache_file", lambda: hash_cache)
     monkeypatch.delenv("SDRUN_MODEL", raising=False)
     monkeypatch.delenv("SDRUN_DEBUG", raising=False)
     return tmp_path

@@ -18,11 +18,6 @@ ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "q_proj", "k_proj", "v_proj", "
 RUN = (*TINY, "--seed", "4")
 
 
-@pytest.fixture(autouse=True)
-def hash_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("SDRUN_CACHE", str(tmp_path / "cache"))
-
-
 def lora_tensors(components: dict, layout: str, seed: int = 1) -> dict:
     """Random rank-4 LoRA weights for every attention projection of `components` ({prefix: module}), in the
     kohya layout (lora_unet_down_blocks_1_..._to_q.lora_down.weight, .alpha) or diffusers' (unet.....lora_A)."""
