@@ -114,7 +114,7 @@ def test_hashes_are_a1111s_and_round_trip_through_replay(sdrun, adapter_files):
     entries = [(e["name"], e["weight"], e["applied"], e["hash"]) for e in recorded["loras"]]
     assert entries == [("ink", None, 0.7, data_hash)]
     assert recorded["embeddings"][0]["hash"] == file_hash
-    from PIL import Image
+    from PIL import Image, PngImagePlugin
     with Image.open("orig.png") as image:
         parameters = image.text["parameters"]
     assert f'Lora hashes: "ink: {data_hash}"' in parameters and f'TI hashes: "mystyle: {file_hash}"' in parameters
@@ -122,6 +122,13 @@ def test_hashes_are_a1111s_and_round_trip_through_replay(sdrun, adapter_files):
     assert result.exit_code == 0, result
     assert np.array_equal(pixels("orig-replay.png"), pixels("orig.png"))
     assert meta("orig-replay.png")["loras"] == recorded["loras"]
+    for damaged in ({"loras": [{"name": "ink", "path": 3, "weight": None}]}, {"embeddings": "mystyle"},
+                    {"ip_adapter": {"path": "x"}}):
+        info = PngImagePlugin.PngInfo()
+        info.add_text("sdrun", json.dumps({**recorded, **damaged}))
+        Image.open("orig.png").save("damaged.png", pnginfo=info)
+        result = sdrun("replay", "damaged.png", "--overwrite")
+        assert result.exit_code == 2 and "has a damaged" in result.stderr, (damaged, result)
 
 
 def test_hashes_are_cached_per_path_size_and_mtime(tmp_path):
