@@ -28,6 +28,12 @@ KEPT = {
 }
 
 
+# An unfused LoRA's own small layers (PEFT's lora_A, lora_B, ...) keep the compute dtype: PEFT casts a layer's
+# input to its LoRA weights' dtype, which in fp8 would feed fp8 activations to the cast-back weights. The layer
+# the LoRA wraps (base_layer) is stored in fp8 like any other.
+LORA_PARTS = ("lora_",)
+
+
 class WeightStorageHook(ModelHook):
     """One layer's weight in fp8 between calls and in the compute dtype during its own forward. The fp8 tensor is
     put back after the call, not recomputed: fp8 values are exact in fp16 and fp32, so nothing drifts."""
@@ -61,7 +67,8 @@ def covered_layers(model: torch.nn.Module, kind: str) -> list[tuple[str, torch.n
     """The (name, layer) pairs of `model` whose weights fp8 stores; `kind` is "unet" or "text"."""
     kept = KEPT[kind]
     return [(name, module) for name, module in model.named_modules()
-            if isinstance(module, COVERED_LAYERS) and not set(name.split(".")) & set(kept)]
+            if isinstance(module, COVERED_LAYERS) and not set(name.split(".")) & set(kept)
+            and not any(part.startswith(LORA_PARTS) for part in name.split("."))]
 
 
 def covered_share(model: torch.nn.Module, kind: str) -> float:

@@ -205,3 +205,14 @@ def test_ip_adapter_loads_in_the_real_layout_and_its_image_steers(sdrun, adapter
     assert result.exit_code == 1 and "is not an IP-Adapter for this tiny model" in result.stderr, result
     assert len(result.stderr.strip().splitlines()) == 1
     assert not Path("never.png").exists()
+
+
+def test_fp8_storage_runs_with_an_unfused_lora(sdrun, adapter_files):
+    """PEFT casts a LoRA layer's input to its weights' dtype: those small layers must not be stored in fp8."""
+    lines = [{"prompt": "a fox <lora:ink:1>", "output": "lora.png"}, {"prompt": "a fox", "output": "plain.png"}]
+    Path("p.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    plain = sdrun("--prompt-file", "p.jsonl", *RUN, "--lora-dir", adapter_files, "-o", "full/")
+    stored = sdrun("--prompt-file", "p.jsonl", *RUN, "--lora-dir", adapter_files, "--fp8", "-o", "fp8/")
+    assert plain.exit_code == 0 and stored.exit_code == 0, stored
+    for full, fp8 in zip(plain.stdout.split(), stored.stdout.split()):
+        assert np.abs(pixels(full) - pixels(fp8)).mean() < 0.02
