@@ -5,12 +5,10 @@ every stage is within 15% of the measured one. The model is the SD 1.5 architect
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
-
-from sdrun import models
 
 pytestmark = [pytest.mark.cuda, pytest.mark.slow]
 
@@ -23,25 +21,11 @@ RENDERS = {
 
 @pytest.fixture(scope="module")
 def sd15_folder(tmp_path_factory):
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from flags import build  # the benchmarks' random-weight SD 1.5, saved as a diffusers folder
 
     folder = tmp_path_factory.mktemp("sd15")
-    config = models.CONFIGS / "sd1"
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config / "unet"))
-        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(config / "vae"))
-        text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(config / "text_encoder"))
-    with torch.no_grad():
-        for module in (unet, vae, text_encoder):
-            for parameter in module.parameters():
-                if parameter.dim() >= 2:
-                    parameter.mul_(0.5)  # fp16 activations stay finite
-    StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=models.tokenizer(), unet=unet,
-                            scheduler=DDIMScheduler.from_pretrained(config, subfolder="scheduler"),
-                            safety_checker=None, feature_extractor=None,
-                            requires_safety_checker=False).to(torch.float16).save_pretrained(folder)
+    build("sd1", folder)
     return folder
 
 
