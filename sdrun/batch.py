@@ -268,6 +268,7 @@ def _render(engine, run: RunConfig, plan, chunk: list[Item], reporter) -> list[F
         meta = metadata(engine, run, plan, item, rendered.notes)
         meta["render"]["measured_peak_gib"] = rendered.stage_peaks
         meta["render"]["measured_seconds"] = rendered.stage_seconds
+        meta["render"]["cuda_graph"] = rendered.cuda_graph
         if rendered.notes.tiled_retry:
             meta["latents_file"] = str(latents_path(item.path))
         record = {"status": "ok", "path": str(item.path), **_describe(item), "steps": job.steps,

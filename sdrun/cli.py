@@ -164,6 +164,9 @@ def memory_options(fn):
     fn = click.option("--max-vram", type=click.FloatRange(min=0, min_open=True), metavar="GB",
                       help="Stay under this much GPU memory (the allocator's limit): sdrun picks the settings that "
                       "fit and says which on stderr; a budget no setting reaches is refused before loading.")(fn)
+    fn = click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
+                      help="Replay the denoising loop from a CUDA graph from the second image of a size on: no "
+                      "launch overhead (up to 1536x1024, not with offload or --max-vram; stderr says when not).")(fn)
     return fn
 
 
@@ -228,6 +231,7 @@ def _run_config(options: dict, **fixed) -> RunConfig:
                     raise UsageError(f"{option.flag} needs {backend.flag}: add {backend.flag}, or drop {option.flag}")
                 backend_options[option.name] = value
     return RunConfig(flags=flags, backend_options=backend_options, max_vram=options.pop("max_vram", None),
+                     cuda_graphs=options.pop("cuda_graphs", True),
                      vae=options.pop("vae", None), adapters=adapters.from_options(options), **fixed)
 
 
@@ -349,7 +353,7 @@ def replay(image, changes, output, device, quiet, overwrite, **options):
     run_config = RunConfig(model=recorded.model, config_dir=recorded.config_dir, vae=given.vae or recorded.vae,
                            device=device, flags=tuple(dict.fromkeys(recorded.flags + given.flags)),
                            backend_options={**recorded.backend_options, **given.backend_options},
-                           max_vram=given.max_vram or recorded.max_vram, output=target,
+                           max_vram=given.max_vram or recorded.max_vram, cuda_graphs=given.cuda_graphs, output=target,
                            batch_size=recorded.batch_size, overwrite=overwrite, quiet=quiet,
                            adapters=adapters.from_record(meta, Path(image)),
                            extra={"replayed_from": str(image)})

@@ -257,6 +257,7 @@ class RunConfig:
     flags: tuple[str, ...] = ()  # backend names the user asked for (--vae-tiling -> "vae_tiling")
     backend_options: dict = field(default_factory=dict)  # option name -> value, for the backends' own options
     max_vram: float | None = None  # GiB: the allocator's limit, and what the planner must fit
+    cuda_graphs: bool = True  # replay the denoise from CUDA graphs where they are safe (render/graphs.py)
     output: str = DEFAULT_OUTPUT
     batch_size: int = 1  # images per denoiser pass
     overwrite: bool = False

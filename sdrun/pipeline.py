@@ -17,6 +17,7 @@ import torch
 from sdrun import adapters, backends, models, vae_file
 from sdrun.config import RunConfig
 from sdrun.errors import UsageError
+from sdrun.render.graphs import Graphs
 from sdrun.render.images import image_size
 from sdrun.render.plan import ESCALATION, ModelInfo, RenderPlan, make_plan
 
@@ -36,6 +37,7 @@ class Engine:
     adapters: object = None  # adapters.Loaded: the LoRAs and embeddings in pipe, or None
     note: object = field(repr=False, default=None)  # the reporter's note: a line to the user on stderr
     warned: set = field(repr=False, default_factory=set)
+    graphs: object = field(repr=False, default=None)  # render/graphs.Graphs on CUDA unless --no-cuda-graphs
 
     def warn(self, message: str) -> None:
         """Tell the user once per run, however many chunks of images the same prompt renders in."""
@@ -186,7 +188,8 @@ def load(run: RunConfig, reporter, setup: RunSetup) -> Engine:
     name = source.path.name if source.path is not None else run.model
     return Engine(pipe, device, tuple(b.name for b in chosen), _recorded_path(run.model, source.path), name,
                   pipe.sdrun_family, _recorded_path(run.config_dir, source.config_dir), base_scheduler=pipe.scheduler,
-                  adapters=loaded, note=reporter.note)
+                  adapters=loaded, note=reporter.note,
+                  graphs=Graphs(device) if run.cuda_graphs and device.type == "cuda" else None)
 
 
 def _recorded_path(spec: str | None, path: Path | None) -> str | None:

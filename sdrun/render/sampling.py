@@ -82,9 +82,13 @@ def guided(model, cond: Conditioning, scale: float, sequential: bool) -> Model:
 
 
 def sample(model: Model, x: torch.Tensor, scheduler, timesteps, step_kwargs: dict, callback=None) -> torch.Tensor:
-    """Denoise `x` over `timesteps` with `scheduler`; `callback(step_index, x)` after every step."""
-    for index, t in enumerate(timesteps):
-        prediction = model(scheduler.scale_model_input(x, t), t)
+    """Denoise `x` over `timesteps` with `scheduler`; `callback(step_index, x)` after every step.
+
+    The scheduler gets each timestep on the host (its tables are CPU tensors: no step waits for the GPU, which a
+    CUDA graph requires and an eager loop gains from), the model gets it on the device (no copy per step)."""
+    on_device = timesteps.to(x.device)
+    for index, t in enumerate(timesteps.cpu()):
+        prediction = model(scheduler.scale_model_input(x, t), on_device[index])
         x = scheduler.step(prediction, t, x, **step_kwargs, return_dict=False)[0]
         if callback is not None:
             callback(index, x)
@@ -99,25 +103,19 @@ def kept_steps(steps: int, strength: float) -> int:
     return 0 if strength <= 0 else max(1, min(int(steps * strength), steps))
 
 
-def img2img_timesteps(scheduler, steps: int, strength: float) -> torch.Tensor:
-    """The last kept_steps() of the schedule; the scheduler is told to start at the first of them."""
+def kept_timesteps(scheduler, steps: int, strength: float) -> torch.Tensor:
+    """The last kept_steps() of the schedule (all of it at strength 1). The scheduler is told to start at the first
+    of them, so it never searches its schedule for a timestep, a read of GPU memory that a CUDA graph forbids."""
     start = (steps - kept_steps(steps, strength)) * scheduler.order
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(start)
     return scheduler.timesteps[start:]
 
 
-class NonFiniteLatents(Exception):
-    """Raised by NanWatch.check(): the latents became NaN/inf at `step` (1-based)."""
-
-    def __init__(self, step: int):
-        super().__init__(step)
-        self.step = step
-
-
 class NanWatch:
     """A step callback that remembers the first step whose latents are not finite, on the device: no host sync per
-    step (that would stall the launch queue at small sizes); `check()` syncs once, after the loop."""
+    step (that would stall the launch queue at small sizes, and a CUDA graph cannot hold one); `first_bad_step`
+    reads it once, after the loop."""
 
     def __init__(self, device: torch.device):
         self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
@@ -126,7 +124,8 @@ class NanWatch:
         bad = ~torch.isfinite(x).all()
         self.first_bad = torch.where(bad & (self.first_bad < 0), index + 1, self.first_bad)
 
-    def check(self) -> None:
-        step = int(self.first_bad.item())
-        if step >= 0:
-            raise NonFiniteLatents(step)
+
+def first_bad_step(first_bad: torch.Tensor) -> int | None:
+    """The 1-based step whose latents first became NaN/inf (NanWatch.first_bad), or None."""
+    step = int(first_bad.item())
+    return step if step >= 0 else None

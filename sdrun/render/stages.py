@@ -16,7 +16,7 @@ from diffusers.utils.torch_utils import get_module_execution_device, randn_tenso
 
 from sdrun import adapters, ip_adapter
 from sdrun.errors import OutOfMemory, SdrunError
-from sdrun.render import images, prompts, sampling, vae_tiles
+from sdrun.render import graphs, images, prompts, sampling, vae_tiles
 from sdrun.render.plan import RenderPlan, StagePlan
 from sdrun.render.tiling import tiled
 from sdrun.schedulers import make_scheduler
@@ -64,6 +64,7 @@ class Canvas:
     pixels: torch.Tensor | None = None  # (B, 3, H, W) in [-1, 1]
     steps_done: int = 0
     notes: DecodeNotes = field(default_factory=DecodeNotes)
+    graphed: bool = False  # a denoise was replayed from a CUDA graph
 
     @property
     def count(self) -> int:
@@ -141,42 +142,76 @@ def prepare_latents(engine, job, step: StagePlan, canvas: Canvas) -> Canvas:
         else type(engine.base_scheduler).from_config(engine.base_scheduler.config)
     scheduler.set_timesteps(step.steps, device=canvas.device)
     canvas.scheduler = scheduler
+    canvas.timesteps = sampling.kept_timesteps(scheduler, step.steps, step.strength)
     if step.strength >= 1:
-        canvas.timesteps = scheduler.timesteps
         canvas.latents = noise * scheduler.init_noise_sigma
-    else:
-        canvas.timesteps = sampling.img2img_timesteps(scheduler, step.steps, step.strength)
-        if len(canvas.timesteps):
-            canvas.latents = scheduler.add_noise(canvas.latents, noise, canvas.timesteps[:1].repeat(canvas.count))
+    elif len(canvas.timesteps):
+        canvas.latents = scheduler.add_noise(canvas.latents, noise, canvas.timesteps[:1].repeat(canvas.count))
     return canvas
 
 
 def denoise(engine, job, step: StagePlan, canvas: Canvas) -> Canvas:
-    """sdrun's denoising loop over the denoiser UNet -> guidance -> windows, with the NaN watch."""
+    """sdrun's denoising loop over the denoiser UNet -> guidance -> windows, with the NaN watch; replayed from a
+    CUDA graph where one can record it (graphs.py)."""
     plan, pipe = canvas.plan, engine.pipe
-    model = sampling.unet_model(pipe.unet, canvas.cond)
-    denoiser = sampling.guided(model, canvas.cond, job.guidance, sequential=plan.sequential_guidance)
-    if step.windows is not None:
-        denoiser = tiled(denoiser, step.windows)
-    watch = sampling.NanWatch(canvas.device)
+    accepted = inspect.signature(canvas.scheduler.step).parameters  # DDIM takes eta, the ancestral ones a generator
+    step_kwargs = {k: v for k, v in (("eta", 0.0), ("generator", canvas.generators)) if k in accepted}
 
-    def after_step(index: int, x: torch.Tensor) -> None:
-        watch(index, x)
+    def denoiser(cond: sampling.Conditioning):
+        model = sampling.guided(sampling.unet_model(pipe.unet, cond), cond, job.guidance, plan.sequential_guidance)
+        return tiled(model, step.windows) if step.windows is not None else model
+
+    def loop(x: torch.Tensor, cond: sampling.Conditioning, scheduler, on_step=None):
+        """The denoise as a function of its inputs: what a graph records. -> (latents, NanWatch.first_bad)"""
+        watch = sampling.NanWatch(x.device)
+
+        def after_step(index: int, latents: torch.Tensor) -> None:
+            watch(index, latents)
+            if on_step is not None:
+                on_step()
+
+        return sampling.sample(denoiser(cond), x, scheduler, canvas.timesteps, step_kwargs, after_step), watch.first_bad
+
+    def warm_up(x: torch.Tensor, cond: sampling.Conditioning) -> None:
+        denoiser(cond)(x, canvas.timesteps[:1].to(x.device)[0])
+
+    def count_step() -> None:
         canvas.steps_done += 1
         if canvas.hooks.on_step is not None:
             canvas.hooks.on_step(canvas.steps_done)
 
-    accepted = inspect.signature(canvas.scheduler.step).parameters  # DDIM takes eta, the ancestral ones a generator
-    step_kwargs = {k: v for k, v in (("eta", 0.0), ("generator", canvas.generators)) if k in accepted}
     with torch.no_grad(), chunked_feed_forward(pipe.unet, plan.chunked_feed_forward):
-        canvas.latents = sampling.sample(denoiser, canvas.latents, canvas.scheduler, canvas.timesteps, step_kwargs,
-                                         after_step)
-    try:
-        watch.check()
-    except sampling.NonFiniteLatents as bad:
-        raise RenderFailed(f"the denoiser produced NaN/inf latents at step {bad.step} of {len(canvas.timesteps)} "
-                           "(often fp16 overflow): run again without --fp16") from None
+        recording = _graph_recording(engine, job, step, canvas, loop, warm_up)
+        if recording is not None:
+            canvas.latents, first_bad = recording.run(canvas.latents, canvas.cond)
+            canvas.graphed = True
+            for _ in canvas.timesteps:
+                count_step()
+        else:
+            canvas.latents, first_bad = loop(canvas.latents, canvas.cond, canvas.scheduler, count_step)
+    bad_step = sampling.first_bad_step(first_bad)
+    if bad_step is not None:
+        raise RenderFailed(f"the denoiser produced NaN/inf latents at step {bad_step} of {len(canvas.timesteps)} "
+                           "(often fp16 overflow): run again without --fp16")
     return canvas
+
+
+def _graph_recording(engine, job, step: StagePlan, canvas: Canvas, loop, warm_up):
+    """This denoise's CUDA graph recording (graphs.py), or None to run eagerly; says once on stderr why not."""
+    if engine.graphs is None or not len(canvas.timesteps):
+        return None
+    reason = graphs.unavailable(canvas.plan, step, job)
+    if reason is None:
+        weights = adapters.job_weights(engine.adapters.adapters, job) if engine.adapters is not None else ()
+        recording_key = graphs.key(canvas.latents, canvas.cond, job.guidance, job.scheduler, step, canvas.plan,
+                                   tuple(weights))
+        try:
+            return engine.graphs.recording(recording_key, loop, canvas.latents, canvas.cond, canvas.scheduler,
+                                           warm_up)
+        except graphs.RecordingFailed as failed:
+            reason = f"recording failed ({failed})"
+    engine.warn(f"sdrun: CUDA graphs off for this denoise: {reason}; running eagerly (--no-cuda-graphs: never try)")
+    return None
 
 
 def decode(engine, job, step: StagePlan, canvas: Canvas) -> Canvas:
@@ -334,6 +369,7 @@ class Rendered:
     notes: DecodeNotes
     stage_peaks: list[float]  # measured peak GiB of each stage (CUDA only), in plan order
     stage_seconds: list[float]
+    cuda_graph: bool  # the denoise was replayed from a CUDA graph
 
 
 def render(engine, plan: RenderPlan, job, seeds: list[int], hooks: Hooks = Hooks()) -> Rendered:
@@ -348,8 +384,9 @@ def render(engine, plan: RenderPlan, job, seeds: list[int], hooks: Hooks = Hooks
         canvas = STAGES[step.name](engine, job, step, canvas)
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # once a stage: what each stage costs is part of the plan's record
-            peaks.append(round(torch.cuda.max_memory_allocated(device) / 2**30, 3))
+            held = engine.graphs.held_bytes if engine.graphs is not None else 0  # graph pools: reserved throughout
+            peaks.append(round((torch.cuda.max_memory_allocated(device) + held) / 2**30, 3))
         seconds.append(round(time.perf_counter() - start, 3))
     engine.pipe.maybe_free_model_hooks()
     return Rendered(engine.pipe.image_processor.postprocess(canvas.pixels.float(), output_type="pil"),
-                    canvas.notes, peaks, seconds)
+                    canvas.notes, peaks, seconds, canvas.graphed)

@@ -1,0 +1,189 @@
+"""End-to-end seconds per image: plain diffusers (eager, and with torch.compile), sdrun in-process, and sdrun
+through its real command line, in one run on one GPU.
+
+Models are the full-size architectures (configs/sd1, configs/sdxl) with seeded random weights (bench/flags.py's
+`build`): speed and memory do not depend on weight values. Every row makes images of one prompt at one size:
+
+- diffusers: `pipe(...)` in this process, fp16, SDPA; a warm-up image, then the best of --repeats.
+- diffusers + torch.compile: the UNet compiled with mode="reduce-overhead" (CUDA graphs inside); the first image
+  carries the compile time, reported as its overhead.
+- sdrun in-process: `render()` of the loaded engine, images 3.. of a run (the CUDA graph is recorded on image 2).
+- sdrun CLI: `python -m sdrun run ... -n N --json` in a subprocess: per-image `seconds` of images 3..N (the best
+  and the median), the first-image overhead (process start to the first image's line, less one steady image:
+  imports, loading, warm-up) and the peak GiB the JSON line reports.
+
+    python bench/e2e.py                       # SD 1.5 512x512 50 steps, 1024x1024 20 steps, SDXL 1024x1024 30 steps
+    python bench/e2e.py --cases sd1-512 --compile   # one case, with the torch.compile peer
+    python bench/e2e.py --family-size tiny --quick  # the script's plumbing on any machine (tiny model, 64x64)
+"""
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import diffusers  # noqa: E402
+from flags import DEVICE, PROMPT, build  # noqa: E402
+
+from sdrun import pipeline  # noqa: E402
+from sdrun.config import Job, RunConfig  # noqa: E402
+from sdrun.console import Reporter  # noqa: E402
+from sdrun.render.stages import render  # noqa: E402
+
+CASES = {  # name: (family, size, steps, goal)
+    "sd1-512": ("sd1", 512, 50, "<= 0.35 s per image, <= 10 s first-image overhead"),
+    "sd1-1024": ("sd1", 1024, 20, "<= 0.6 s per image"),
+    "sdxl-1024": ("sdxl", 1024, 30, "<= 0.7x plain diffusers"),
+    "tiny-64": ("tiny", 64, 4, "plumbing only"),
+}
+CLI_FLAGS = (("--fp16", "--xformers"), ("--fp16",), ("--fp16", "--xformers", "--no-cuda-graphs"))
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_gib() -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else float("nan")
+
+
+def diffusers_rows(folder: Path, family: str, size: int, steps: int, repeats: int, compile_too: bool):
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float16 if DEVICE == "cuda" else None)
+    pipe.to(DEVICE).set_progress_bar_config(disable=True)
+    generator = torch.Generator("cpu")
+
+    def make():
+        pipe(PROMPT, num_inference_steps=steps, width=size, height=size, generator=generator.manual_seed(0))
+
+    yield "diffusers fp16 (SDPA), eager", *timed(make, repeats)
+    if compile_too:
+        pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead", fullgraph=True)
+        yield "diffusers + torch.compile(reduce-overhead)", *timed(make, repeats)
+    del pipe
+    release()
+
+
+def timed(make, repeats: int):
+    """(best seconds per image, first-image overhead in seconds, peak GiB)."""
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    make()
+    sync()
+    first = time.perf_counter() - start
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        make()
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return best, first - best, peak_gib()
+
+
+def sdrun_in_process(folder: Path, size: int, steps: int, repeats: int, flags: tuple[str, ...]):
+    run = RunConfig(model=str(folder), flags=flags)
+    job = Job(prompt=PROMPT, steps=steps, width=size, height=size, seed=0)
+    planned = pipeline.plan_run(run, [job])
+    engine = pipeline.load(planned.run, Reporter(quiet=True), planned.setup)
+    planned.refit(engine)
+    plan = planned[job]
+    render(engine, plan, job, [0])  # eager, the warm-up
+    result = timed(lambda: render(engine, plan, job, [0]), repeats)  # recorded on the first of these, replayed
+    del engine
+    release()
+    return result
+
+
+def sdrun_cli(folder: Path, size: int, steps: int, images: int, flags: tuple[str, ...]):
+    """(best, median seconds of images 3.., first-image overhead, peak GiB, stderr notes)."""
+    with tempfile.TemporaryDirectory() as out:
+        command = [sys.executable, "-m", "sdrun", "run", PROMPT, "--model", str(folder), "-W", str(size), "-H",
+                   str(size), "--steps", str(steps), "-n", str(images), "--seed", "1", "--json", "-o", f"{out}/",
+                   *flags]
+        start = time.perf_counter()
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        records, arrivals = [], []
+        for line in process.stdout:
+            if line.strip().startswith("{"):
+                records.append(json.loads(line))
+                arrivals.append(time.perf_counter() - start)
+        stderr = process.stderr.read()
+        if process.wait() != 0 or len(records) < images:
+            raise RuntimeError(f"sdrun exited {process.returncode}: {stderr.strip().splitlines()[-1:]}")
+    steady = [r["seconds"] for r in records[2:]] or [records[-1]["seconds"]]
+    notes = [line for line in stderr.splitlines() if line.startswith("sdrun:")]
+    peak = records[-1]["peak_gpu_memory_gb"]
+    return min(steady), statistics.median(steady), arrivals[0] - min(steady), float("nan") if peak is None else peak, notes
+
+
+def release() -> None:
+    gc.collect()
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default="sd1-512,sd1-1024,sdxl-1024", help=f"comma-separated, of {list(CASES)}")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--images", type=int, default=5, help="images per CLI run (the first two are not steady)")
+    parser.add_argument("--compile", action="store_true", help="add the diffusers + torch.compile row (minutes)")
+    parser.add_argument("--quick", action="store_true", help="4 steps, to check the script itself")
+    args = parser.parse_args()
+    device_name = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU"
+    print(f"# sdrun end-to-end benchmark, {datetime.date.today()}, {device_name}, torch {torch.__version__}, "
+          f"CUDA {torch.version.cuda}, diffusers {diffusers.__version__}; random weights, fp16, DDIM, guidance 7.5, "
+          "batch 1")
+    print("| case | configuration | s / image | first-image overhead s | peak GiB | notes |")
+    print("|---|---|---|---|---|---|")
+    for name in args.cases.split(","):
+        family, size, steps, goal = CASES[name]
+        steps = 4 if args.quick else steps
+        folder = Path(f"/tmp/sdrun-bench-{family}")
+        if not (folder / "model_index.json").is_file():
+            build(family, folder)
+        case = f"{family} {size}x{size} {steps} steps"
+        print(f"| {case} | goal: {goal} | | | | |", flush=True)
+
+        def row(label, seconds, overhead, peak, notes=""):
+            print(f"| {case} | {label} | {seconds:.3f} | {overhead:.1f} | {peak:.2f} | {notes} |", flush=True)
+
+        try:
+            for label, seconds, overhead, peak in diffusers_rows(folder, family, size, steps, args.repeats,
+                                                                 args.compile and family != "tiny"):
+                row(label, seconds, overhead, peak)
+        except Exception as error:  # a row that cannot run here says why; the table goes on
+            print(f"| {case} | diffusers | failed: {str(error).splitlines()[0][:150]} | | | |", flush=True)
+        flags = ("fp16", "xformers") if DEVICE == "cuda" else ()
+        try:
+            row("sdrun in-process " + " ".join("--" + f for f in flags),
+                *sdrun_in_process(folder, size, steps, args.repeats, flags))
+        except Exception as error:
+            print(f"| {case} | sdrun in-process | failed: {str(error).splitlines()[0][:150]} | | | |", flush=True)
+        for cli_flags in CLI_FLAGS if DEVICE == "cuda" else ((),):
+            try:
+                best, median, overhead, peak, notes = sdrun_cli(folder, size, steps, args.images, cli_flags)
+                row(f"sdrun CLI {' '.join(cli_flags)} (median {median:.3f})", best, overhead, peak,
+                    "; ".join(notes)[:200])
+            except Exception as error:
+                print(f"| {case} | sdrun CLI {' '.join(cli_flags)} | failed: {str(error)[:150]} | | | |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

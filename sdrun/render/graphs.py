@@ -1,0 +1,137 @@
+"""CUDA graphs of the denoising loop: a whole denoise recorded once per shape and settings, then replayed.
+
+At 512x512 the eager loop is bound by the host: each step launches hundreds of small kernels, and the GPU waits
+for them. A replay launches the recorded kernels of every step at once. The recording holds the whole loop, as the
+eager one runs it: every step's UNet calls, the guidance halves, the scheduler's step and the NaN watch, so nothing
+runs on the host between steps.
+
+A recording reads its inputs from tensors of its own (the starting latents and the conditioning: `Recording.run`
+copies a chunk's into them); everything else it needs is fixed when it is recorded: the timesteps, the
+scheduler's constants, the guidance scale, LoRA scales. The key (`key`) holds all of those, so a job that differs
+in any of them records its own graph.
+
+A key is recorded the second time a run meets it: the first render runs eagerly, which also warms cuDNN and
+cuBLAS and builds the kernels lazily, and a one-image run pays for no recording. `unavailable` says when a render
+stays eager and why, in a sentence the run prints once.
+"""
+
+import copy
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from sdrun.render.sampling import Conditioning
+
+KEPT = 2  # recordings a run keeps (the least recently used goes): each holds the memory of a denoise's activations
+MAX_PIXELS = 1536 * 1024  # above this the GPU's work, not kernel launches, sets the pace: a graph gains nothing
+SCHEDULERS_DRAWING_NOISE = ("euler-a",)  # they draw new noise each step, which a recording would repeat
+OFFLOAD = ("cpu_offload", "model_offload")
+
+
+def unavailable(plan, step, job) -> str | None:
+    """Why this denoise runs eagerly, as a sentence; None when a CUDA graph can record it."""
+    offload = [name for name in OFFLOAD if name in plan.flags]
+    if offload:
+        return f"--{offload[0].replace('_', '-')} moves weights while each step runs, which a graph cannot record"
+    if plan.max_vram is not None:
+        return "under --max-vram, a graph's memory would stay reserved while the image decodes"
+    if step.windows is not None or step.width * step.height > MAX_PIXELS:
+        return (f"at {step.width}x{step.height} the GPU's work, not kernel launches, sets the pace, and a graph "
+                "would only hold memory")
+    if job.scheduler in SCHEDULERS_DRAWING_NOISE:
+        return f"--scheduler {job.scheduler} draws new noise every step, which a recorded graph would repeat"
+    return None
+
+
+def key(x: torch.Tensor, cond: Conditioning, *settings) -> tuple:
+    """What a recording depends on: the shapes of its inputs and the settings it bakes in (hashable values)."""
+    return (tuple(x.shape), x.dtype, str(x.device), cond.halves,
+            tuple((tuple(t.shape), t.dtype) for t in _tensors(cond)), settings)
+
+
+def _tensors(cond: Conditioning) -> list[torch.Tensor]:
+    """The conditioning's tensors in a fixed order: embeds, then the added ones (IP-Adapter lists flattened)."""
+    added = [] if not cond.added else [cond.added[name] for name in sorted(cond.added)]
+    return [cond.embeds] + [t for value in added for t in (value if isinstance(value, list) else [value])]
+
+
+def _own_copy(cond: Conditioning) -> Conditioning:
+    clone = lambda t: t.clone()  # noqa: E731
+    added = None if not cond.added else {
+        name: [clone(t) for t in value] if isinstance(value, list) else clone(value)
+        for name, value in cond.added.items()}
+    return Conditioning(cond.embeds.clone(), added, cond.halves)
+
+
+@dataclass
+class Recording:
+    graph: torch.cuda.CUDAGraph
+    x: torch.Tensor  # the recording's inputs: a chunk's are copied into these
+    cond: Conditioning
+    outputs: tuple[torch.Tensor, ...]  # what the loop returned while recording; each replay overwrites them
+    pool_bytes: int  # GPU memory the recording keeps reserved (its private pool), which peak statistics miss
+
+    def run(self, x: torch.Tensor, cond: Conditioning) -> tuple[torch.Tensor, ...]:
+        self.x.copy_(x)
+        for mine, given in zip(_tensors(self.cond), _tensors(cond)):
+            mine.copy_(given)
+        self.graph.replay()
+        return tuple(t.clone() for t in self.outputs)
+
+
+class Graphs:
+    """The recordings of one run, and the keys that failed to record (with why), so they are not tried again."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stream = torch.cuda.Stream(device)  # warm-up and recording: the same side stream, as CUDA graphs need
+        self.recordings: OrderedDict = OrderedDict()
+        self.seen: set = set()
+        self.failed: dict = {}
+
+    @property
+    def held_bytes(self) -> int:
+        return sum(recording.pool_bytes for recording in self.recordings.values())
+
+    def recording(self, recording_key, loop, x: torch.Tensor, cond: Conditioning, scheduler, warm_up):
+        """The recording for `recording_key`, made now if the key was met before; None: run eagerly this time.
+
+        `loop(x, cond, scheduler)` is the denoise to record (it must not synchronise with the host);
+        `warm_up(x, cond)` runs one model call on the recording stream first. Raises RecordingFailed (the
+        reason) when recording fails; the caller runs the loop eagerly, with its own scheduler untouched."""
+        if recording_key in self.recordings:
+            self.recordings.move_to_end(recording_key)
+            return self.recordings[recording_key]
+        if recording_key in self.failed or recording_key not in self.seen:
+            self.seen.add(recording_key)
+            return None
+        while len(self.recordings) >= KEPT:
+            self.recordings.popitem(last=False)
+        try:
+            made = self._record(loop, x, cond, copy.deepcopy(scheduler), warm_up)
+        except Exception as error:  # a loop that cannot be recorded (a host sync inside): eager from now on
+            torch.cuda.synchronize(self.device)
+            reason = next(iter(str(error).strip().splitlines()), type(error).__name__)
+            self.failed[recording_key] = reason
+            raise RecordingFailed(reason) from error
+        self.recordings[recording_key] = made
+        return made
+
+    def _record(self, loop, x: torch.Tensor, cond: Conditioning, scheduler, warm_up) -> Recording:
+        static_x, static_cond = x.clone(), _own_copy(cond)
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            warm_up(static_x, static_cond)  # per-stream state (cuBLAS workspace) is made outside the recording
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        torch.cuda.synchronize(self.device)
+        reserved = torch.cuda.memory_reserved(self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=self.stream):
+            outputs = loop(static_x, static_cond, scheduler)
+        pool = max(0, torch.cuda.memory_reserved(self.device) - reserved)
+        return Recording(graph, static_x, static_cond, tuple(outputs), pool)
+
+
+class RecordingFailed(Exception):
+    """The loop could not be recorded; the message says why (for the one-line note)."""

@@ -1,0 +1,43 @@
+"""When the denoise is recorded in a CUDA graph and when it says why not (render/graphs.py); the recording itself
+is tested on a GPU (tests/test_gpu_graphs.py)."""
+
+import pytest
+
+from sdrun.config import Job
+from sdrun.render import graphs
+from sdrun.render.plan import StagePlan
+from sdrun.render.tiling import Windows
+
+
+class Plan:
+    def __init__(self, flags=(), max_vram=None):
+        self.flags, self.max_vram = flags, max_vram
+
+
+SMALL = StagePlan("denoise", 512, 512, steps=20)
+
+
+def test_a_plain_512_denoise_can_be_recorded():
+    assert graphs.unavailable(Plan(("fp16", "xformers")), SMALL, Job(prompt="x")) is None
+
+
+@pytest.mark.parametrize("plan, step, job, says", [
+    (Plan(("fp16", "cpu_offload")), SMALL, Job(prompt="x"), "--cpu-offload moves weights"),
+    (Plan(("model_offload",)), SMALL, Job(prompt="x"), "--model-offload moves weights"),
+    (Plan(max_vram=4.0), SMALL, Job(prompt="x"), "under --max-vram"),
+    (Plan(), StagePlan("denoise", 3840, 2160, steps=20), Job(prompt="x"), "at 3840x2160 the GPU's work"),
+    (Plan(), StagePlan("denoise", 512, 512, windows=Windows(64, 96, 64, 16, 2)), Job(prompt="x"), "at 512x512"),
+    (Plan(), SMALL, Job(prompt="x", scheduler="euler-a"), "--scheduler euler-a draws new noise"),
+])
+def test_why_a_denoise_stays_eager(plan, step, job, says):
+    assert says in graphs.unavailable(plan, step, job)
+
+
+def test_cuda_graphs_flag_is_accepted_on_the_cpu_and_changes_nothing(sdrun, tmp_path):
+    from conftest import TINY, pixels
+
+    on = sdrun("a cat", *TINY, "--device", "cpu", "--seed", "1", "-o", "on.png")
+    off = sdrun("a cat", *TINY, "--device", "cpu", "--seed", "1", "--no-cuda-graphs", "-o", "off.png")
+    assert on.exit_code == off.exit_code == 0, (on, off)
+    assert "CUDA graphs" not in on.stderr  # graphs are a CUDA matter: a CPU run has nothing to fall back from
+    assert (pixels(tmp_path / "on.png") == pixels(tmp_path / "off.png")).all()
