@@ -2,6 +2,8 @@
 match eager ones, a new size records again, --no-cuda-graphs stays eager, and every scheduler either records or
 says why not. Skipped without CUDA."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -16,7 +18,7 @@ GRAPHED = ("--steps", "6", "-W", "128", "-H", "128")
 def run(sdrun, folder, *args):
     result = sdrun("a lighthouse at dusk", *TINY, *GRAPHED, "-n", "3", "--seed", "5", "-o", f"{folder}/", *args)
     assert result.exit_code == 0, result
-    images = sorted(p for p in __import__("pathlib").Path(folder).glob("*.png"))
+    images = sorted(Path(folder).glob("*.png"))
     assert len(images) == 3
     return images, result
 

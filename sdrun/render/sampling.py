@@ -81,18 +81,29 @@ def guided(model, cond: Conditioning, scale: float, sequential: bool) -> Model:
     return denoiser
 
 
-def sample(model: Model, x: torch.Tensor, scheduler, timesteps, step_kwargs: dict, callback=None) -> torch.Tensor:
-    """Denoise `x` over `timesteps` with `scheduler`; `callback(step_index, x)` after every step.
-
-    The scheduler gets each timestep on the host (its tables are CPU tensors: no step waits for the GPU, which a
-    CUDA graph requires and an eager loop gains from), the model gets it on the device (no copy per step)."""
-    on_device = timesteps.to(x.device)
-    for index, t in enumerate(timesteps.cpu()):
-        prediction = model(scheduler.scale_model_input(x, t), on_device[index])
+def sample(model: Model, x: torch.Tensor, scheduler, timesteps: "Timesteps", step_kwargs: dict,
+           callback=None) -> torch.Tensor:
+    """Denoise `x` over `timesteps` with `scheduler`; `callback(step_index, x)` after every step."""
+    for index, t in enumerate(timesteps.host):
+        prediction = model(scheduler.scale_model_input(x, t), timesteps.device[index])
         x = scheduler.step(prediction, t, x, **step_kwargs, return_dict=False)[0]
         if callback is not None:
             callback(index, x)
     return x
+
+
+@dataclass(frozen=True)
+class Timesteps:
+    """A schedule twice: on the host for the scheduler (its tables are CPU tensors, so no step waits for the GPU,
+    which a CUDA graph requires and an eager loop gains from) and on the model's device for the UNet (no copy per
+    step). Both are made before the loop: a copy between them inside a CUDA graph recording fails."""
+
+    host: torch.Tensor
+    device: torch.Tensor
+
+    @classmethod
+    def of(cls, timesteps: torch.Tensor, device: torch.device) -> "Timesteps":
+        return cls(timesteps.cpu(), timesteps.to(device))
 
 
 def kept_steps(steps: int, strength: float) -> int:

@@ -157,6 +157,8 @@ def denoise(engine, job, step: StagePlan, canvas: Canvas) -> Canvas:
     accepted = inspect.signature(canvas.scheduler.step).parameters  # DDIM takes eta, the ancestral ones a generator
     step_kwargs = {k: v for k, v in (("eta", 0.0), ("generator", canvas.generators)) if k in accepted}
 
+    timesteps = sampling.Timesteps.of(canvas.timesteps, canvas.device)
+
     def denoiser(cond: sampling.Conditioning):
         model = sampling.guided(sampling.unet_model(pipe.unet, cond), cond, job.guidance, plan.sequential_guidance)
         return tiled(model, step.windows) if step.windows is not None else model
@@ -170,10 +172,10 @@ def denoise(engine, job, step: StagePlan, canvas: Canvas) -> Canvas:
             if on_step is not None:
                 on_step()
 
-        return sampling.sample(denoiser(cond), x, scheduler, canvas.timesteps, step_kwargs, after_step), watch.first_bad
+        return sampling.sample(denoiser(cond), x, scheduler, timesteps, step_kwargs, after_step), watch.first_bad
 
     def warm_up(x: torch.Tensor, cond: sampling.Conditioning) -> None:
-        denoiser(cond)(x, canvas.timesteps[:1].to(x.device)[0])
+        denoiser(cond)(x, timesteps.device[0])
 
     def count_step() -> None:
         canvas.steps_done += 1
