@@ -41,12 +41,12 @@ def test_a_new_size_records_again(sdrun, tmp_path):
     lines = "\n".join('{"prompt": "a lighthouse", "width": %d, "height": %d, "num_images": 2, "seed": 1}' % (s, s)
                       for s in (64, 128, 64))
     (tmp_path / "jobs.jsonl").write_text(lines)
-    result = sdrun("--prompt-file", "jobs.jsonl", *TINY, "-o", "out/", "--json")
+    result = sdrun("--prompt-file", "jobs.jsonl", *TINY, "-o", "out/{index}.png", "--json")
     assert result.exit_code == 0, result
     paths = [record["path"] for record in result.records()]
     graphed = [meta(p)["render"]["cuda_graph"] for p in paths]
     assert graphed == [False, True, False, True, True, True]  # each size on its second image; 64 kept for later
-    eager = sdrun("--prompt-file", "jobs.jsonl", *TINY, "-o", "eager/", "--json", "--no-cuda-graphs")
+    eager = sdrun("--prompt-file", "jobs.jsonl", *TINY, "-o", "eager/{index}.png", "--json", "--no-cuda-graphs")
     for mine, theirs in zip(paths, [record["path"] for record in eager.records()]):
         assert np.abs(pixels(mine) - pixels(theirs)).max() <= 1 / 255
 

@@ -6,7 +6,7 @@ eager one runs it: every step's UNet calls, the guidance halves, the scheduler's
 runs on the host between steps.
 
 A recording reads its inputs from tensors of its own (the starting latents and the conditioning: `Recording.run`
-copies a chunk's into them); everything else it needs is fixed when it is recorded: the timesteps, the
+copies a chunk's into them; the timesteps); everything else it needs is fixed when it is recorded: the
 scheduler's constants, the guidance scale, LoRA scales. The key (`key`) holds all of those, so a job that differs
 in any of them records its own graph.
 
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sdrun.render.sampling import Conditioning
+from sdrun.render.sampling import Conditioning, Timesteps
 
 KEPT = 2  # recordings a run keeps (the least recently used goes): each holds the memory of a denoise's activations
 MAX_PIXELS = 1536 * 1024  # above this the GPU's work, not kernel launches, sets the pace: a graph gains nothing
@@ -66,9 +66,13 @@ def _own_copy(cond: Conditioning) -> Conditioning:
 
 @dataclass
 class Recording:
+    """A recorded denoise. It reads only tensors it owns (a chunk's inputs are copied into them): a tensor of the
+    render that recorded it (its timesteps, say) would be freed and its memory reused by the next render."""
+
     graph: torch.cuda.CUDAGraph
-    x: torch.Tensor  # the recording's inputs: a chunk's are copied into these
+    x: torch.Tensor
     cond: Conditioning
+    timesteps: Timesteps  # the same for every chunk of a key; its device copy is the recording's own
     outputs: tuple[torch.Tensor, ...]  # what the loop returned while recording; each replay overwrites them
     pool_bytes: int  # GPU memory the recording keeps reserved (its private pool), which peak statistics miss
 
@@ -94,12 +98,13 @@ class Graphs:
     def held_bytes(self) -> int:
         return sum(recording.pool_bytes for recording in self.recordings.values())
 
-    def recording(self, recording_key, loop, x: torch.Tensor, cond: Conditioning, scheduler, warm_up):
+    def recording(self, recording_key, loop, x: torch.Tensor, cond: Conditioning, timesteps: Timesteps, scheduler,
+                  warm_up):
         """The recording for `recording_key`, made now if the key was met before; None: run eagerly this time.
 
-        `loop(x, cond, scheduler)` is the denoise to record (it must not synchronise with the host);
-        `warm_up(x, cond)` runs one model call on the recording stream first. Raises RecordingFailed (the
-        reason) when recording fails; the caller runs the loop eagerly, with its own scheduler untouched."""
+        `loop(x, cond, timesteps, scheduler)` is the denoise to record (it must not synchronise with the host);
+        `warm_up(x, cond, timesteps)` runs one model call on the recording stream first. Raises RecordingFailed
+        (the reason) when recording fails; the caller runs the loop eagerly, with its own scheduler untouched."""
         if recording_key in self.recordings:
             self.recordings.move_to_end(recording_key)
             return self.recordings[recording_key]
@@ -109,7 +114,7 @@ class Graphs:
         while len(self.recordings) >= KEPT:
             self.recordings.popitem(last=False)
         try:
-            made = self._record(loop, x, cond, copy.deepcopy(scheduler), warm_up)
+            made = self._record(loop, x, cond, timesteps, copy.deepcopy(scheduler), warm_up)
         except Exception as error:  # a loop that cannot be recorded (a host sync inside): eager from now on
             torch.cuda.synchronize(self.device)
             reason = next(iter(str(error).strip().splitlines()), type(error).__name__)
@@ -118,19 +123,21 @@ class Graphs:
         self.recordings[recording_key] = made
         return made
 
-    def _record(self, loop, x: torch.Tensor, cond: Conditioning, scheduler, warm_up) -> Recording:
+    def _record(self, loop, x: torch.Tensor, cond: Conditioning, timesteps: Timesteps, scheduler,
+                warm_up) -> Recording:
         static_x, static_cond = x.clone(), _own_copy(cond)
+        static_timesteps = Timesteps(timesteps.host, timesteps.device.clone())
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
-            warm_up(static_x, static_cond)  # per-stream state (cuBLAS workspace) is made outside the recording
+            warm_up(static_x, static_cond, static_timesteps)  # per-stream state (cuBLAS workspace) comes first
         torch.cuda.current_stream(self.device).wait_stream(self.stream)
         torch.cuda.synchronize(self.device)
         reserved = torch.cuda.memory_reserved(self.device)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=self.stream):
-            outputs = loop(static_x, static_cond, scheduler)
+            outputs = loop(static_x, static_cond, static_timesteps, scheduler)
         pool = max(0, torch.cuda.memory_reserved(self.device) - reserved)
-        return Recording(graph, static_x, static_cond, tuple(outputs), pool)
+        return Recording(graph, static_x, static_cond, static_timesteps, tuple(outputs), pool)
 
 
 class RecordingFailed(Exception):

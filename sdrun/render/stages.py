@@ -163,7 +163,7 @@ def denoise(engine, job, step: StagePlan, canvas: Canvas) -> Canvas:
         model = sampling.guided(sampling.unet_model(pipe.unet, cond), cond, job.guidance, plan.sequential_guidance)
         return tiled(model, step.windows) if step.windows is not None else model
 
-    def loop(x: torch.Tensor, cond: sampling.Conditioning, scheduler, on_step=None):
+    def loop(x: torch.Tensor, cond: sampling.Conditioning, timesteps: sampling.Timesteps, scheduler, on_step=None):
         """The denoise as a function of its inputs: what a graph records. -> (latents, NanWatch.first_bad)"""
         watch = sampling.NanWatch(x.device)
 
@@ -174,7 +174,7 @@ def denoise(engine, job, step: StagePlan, canvas: Canvas) -> Canvas:
 
         return sampling.sample(denoiser(cond), x, scheduler, timesteps, step_kwargs, after_step), watch.first_bad
 
-    def warm_up(x: torch.Tensor, cond: sampling.Conditioning) -> None:
+    def warm_up(x: torch.Tensor, cond: sampling.Conditioning, timesteps: sampling.Timesteps) -> None:
         denoiser(cond)(x, timesteps.device[0])
 
     def count_step() -> None:
@@ -183,14 +183,14 @@ def denoise(engine, job, step: StagePlan, canvas: Canvas) -> Canvas:
             canvas.hooks.on_step(canvas.steps_done)
 
     with torch.no_grad(), chunked_feed_forward(pipe.unet, plan.chunked_feed_forward):
-        recording = _graph_recording(engine, job, step, canvas, loop, warm_up)
+        recording = _graph_recording(engine, job, step, canvas, timesteps, loop, warm_up)
         if recording is not None:
             canvas.latents, first_bad = recording.run(canvas.latents, canvas.cond)
             canvas.graphed = True
             for _ in canvas.timesteps:
                 count_step()
         else:
-            canvas.latents, first_bad = loop(canvas.latents, canvas.cond, canvas.scheduler, count_step)
+            canvas.latents, first_bad = loop(canvas.latents, canvas.cond, timesteps, canvas.scheduler, count_step)
     bad_step = sampling.first_bad_step(first_bad)
     if bad_step is not None:
         raise RenderFailed(f"the denoiser produced NaN/inf latents at step {bad_step} of {len(canvas.timesteps)} "
@@ -198,7 +198,7 @@ def denoise(engine, job, step: StagePlan, canvas: Canvas) -> Canvas:
     return canvas
 
 
-def _graph_recording(engine, job, step: StagePlan, canvas: Canvas, loop, warm_up):
+def _graph_recording(engine, job, step: StagePlan, canvas: Canvas, timesteps: sampling.Timesteps, loop, warm_up):
     """This denoise's CUDA graph recording (graphs.py), or None to run eagerly; says once on stderr why not."""
     if engine.graphs is None or not len(canvas.timesteps):
         return None
@@ -208,8 +208,8 @@ def _graph_recording(engine, job, step: StagePlan, canvas: Canvas, loop, warm_up
         recording_key = graphs.key(canvas.latents, canvas.cond, job.guidance, job.scheduler, step, canvas.plan,
                                    tuple(weights))
         try:
-            return engine.graphs.recording(recording_key, loop, canvas.latents, canvas.cond, canvas.scheduler,
-                                           warm_up)
+            return engine.graphs.recording(recording_key, loop, canvas.latents, canvas.cond, timesteps,
+                                           canvas.scheduler, warm_up)
         except graphs.RecordingFailed as failed:
             reason = f"recording failed ({failed})"
     engine.warn(f"sdrun: CUDA graphs off for this denoise: {reason}; running eagerly (--no-cuda-graphs: never try)")
