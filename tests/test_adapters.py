@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import TINY, meta, pixels
 from safetensors.torch import save_file
-from sd_layout import tiny_sdxl
+from sd_layout import tiny_sdxl, write_ip_adapter
 
 from sdrun import hashes, models
 
@@ -152,28 +152,6 @@ def test_skip_existing_keeps_only_an_image_made_with_the_same_loras(sdrun, adapt
     assert sdrun("a fox", *RUN, "--lora", f"{lora}:0.5", "-o", "fox.png", "--skip-existing").exit_code == 0
     result = sdrun("a fox", *RUN, "--lora", f"{lora}:0.9", "-o", "fox.png", "--skip-existing")
     assert result.exit_code == 1 and "its loras is" in result.stderr, result
-
-
-def write_ip_adapter(folder: Path, unet, tokens: int = 4) -> Path:
-    """A random IP-Adapter in h94/IP-Adapter's layout for `unet`, with a tiny CLIP image encoder beside it in
-    image_encoder/: image_proj.{proj,norm} and ip_adapter.{1,3,5,...}.to_{k,v}_ip, one pair per cross-attention."""
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    torch.manual_seed(7)
-    width = unet.config.cross_attention_dim
-    CLIPVisionModelWithProjection(CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
-        patch_size=8, projection_dim=24)).save_pretrained(folder / "image_encoder")
-    tensors = {"image_proj.proj.weight": torch.randn(width * tokens, 24) * 0.3,
-               "image_proj.proj.bias": torch.zeros(width * tokens),
-               "image_proj.norm.weight": torch.ones(width), "image_proj.norm.bias": torch.zeros(width)}
-    cross = [name for name in unet.attn_processors if not name.endswith("attn1.processor")]
-    for i, name in enumerate(cross):
-        inner = unet.get_submodule(name.removesuffix(".processor")).to_k.out_features
-        for kind in ("k", "v"):
-            tensors[f"ip_adapter.{2 * i + 1}.to_{kind}_ip.weight"] = torch.randn(inner, width) * 0.3
-    save_file(tensors, folder / "ip-adapter_tiny.safetensors")
-    return folder / "ip-adapter_tiny.safetensors"
 
 
 def test_ip_adapter_loads_in_the_real_layout_and_its_image_steers(sdrun, adapter_files, tmp_path):
