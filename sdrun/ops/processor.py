@@ -205,18 +205,18 @@ def install(pipe, device: torch.device | str | None = None, compute_dtype: torch
 
 def _unsupported(mod, current) -> str | None:
     """Why a module the kernel could compute keeps its processor, or None."""
-    if isinstance(current, _IP_ADAPTER):
-        if mod.norm_q is not None or mod.norm_k is not None:  # diffusers' IP-Adapter processor skips them
-            return "it is an IP-Adapter module with query/key norms"
-        return None
-    if type(current).__name__ not in _PLAIN:
-        return f"it uses the {type(current).__name__} processor"
     if getattr(mod, "added_kv_proj_dim", None) is not None:
         return "it has added key/value projections"
+    if not isinstance(current, _IP_ADAPTER):
+        return None if type(current).__name__ in _PLAIN else f"it uses the {type(current).__name__} processor"
+    if mod.norm_q is not None or mod.norm_k is not None:  # diffusers' IP-Adapter processor does not apply them
+        return "it is an IP-Adapter module with query/key norms"
     return None
 
 
-def reinstall(pipe) -> InstallReport | None:
-    """After something set attention processors anew: `install` again as it was asked for, if it was."""
+def reinstall(pipe) -> None:
+    """After something set attention processors anew: `install` again as it was asked for, if it was (the new
+    report replaces `pipe.sdrun_kernel.report`)."""
     installed = getattr(pipe, "sdrun_kernel", None)
-    return None if installed is None else install(pipe, installed.device, installed.compute_dtype)
+    if installed is not None:
+        install(pipe, installed.device, installed.compute_dtype)
