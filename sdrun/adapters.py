@@ -21,7 +21,7 @@ from pathlib import Path
 
 import click
 
-from sdrun import hashes, ip_adapter
+from sdrun import hashes, ip_adapter, lora_file
 from sdrun.errors import ModelError, UsageError
 
 LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?(?::[^>]*)?>")  # A1111's <lora:name:te-weight[:unet-weight]>
@@ -128,9 +128,10 @@ def job_weights(adapters: Adapters, job) -> tuple[float, ...]:
     return tuple(named.get(lora.name, lora.weight or 0.0) for lora in adapters.loras)
 
 
-def resolve(adapters: Adapters, jobs: list) -> Adapters:
+def resolve(adapters: Adapters, jobs: list, model: lora_file.Target | None = None) -> Adapters:
     """The run's set: --lora's files plus every LoRA a prompt names, --embedding's files plus the embeddings of
-    --embedding-dir a prompt uses; every file checked; fused when every job uses the same weights."""
+    --embedding-dir a prompt uses; every file checked (a LoRA against `model`, when known); fused when every job
+    uses the same weights."""
     ip_adapter.check(adapters)
     loras = {lora.name: lora for lora in adapters.loras}
     for job in jobs:
@@ -152,7 +153,7 @@ def resolve(adapters: Adapters, jobs: list) -> Adapters:
                        if path.suffix.lower() in EMBEDDING_SUFFIXES and str(path) not in embeddings
                        and any(mentions(text, path.stem) for text in texts)]
     for lora in loras.values():
-        _check_lora_file(Path(lora.path))
+        lora_file.check(Path(lora.path), model)
     resolved = replace(adapters, loras=tuple(loras.values()), embeddings=tuple(embeddings))
     weights = {job_weights(resolved, job) for job in jobs}
     return replace(resolved, fused=weights.pop() if len(weights) == 1 and resolved.loras else None)
@@ -160,22 +161,6 @@ def resolve(adapters: Adapters, jobs: list) -> Adapters:
 
 def mentions(text: str, token: str) -> bool:
     return re.search(rf"(?<![\w-]){re.escape(token)}(?![\w-])", text) is not None
-
-
-def _check_lora_file(path: Path) -> None:
-    """Before loading anything: a .safetensors LoRA must hold LoRA tensors (its header says so)."""
-    if path.suffix.lower() != ".safetensors":
-        return  # a pickle is checked when it loads (weights only: _read)
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(path, "pt") as file:
-            keys = list(file.keys())
-    except (SafetensorError, OSError, ValueError) as error:
-        raise ModelError(f"{path} is not a readable .safetensors file ({error}): download it again") from None
-    if not any("lora" in key or key.endswith(".alpha") for key in keys):
-        raise ModelError(f"{path} holds no LoRA weights (no lora_up/lora_down or lora_A/lora_B tensors): "
-                         "give a LoRA file, or pass a checkpoint with --model")
 
 
 # ---------------------------------------------------------------------------------------------- loading

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sdrun import backends, ops
+from sdrun.ops.processor import COVERAGE
 
 
 # Every environment variable sdrun reads; `sdrun info` shows those that are set (sdrun --help explains them).
@@ -44,6 +45,7 @@ def rows(selftest: bool) -> list[tuple[str, str]]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     for key, value in ops.build_info().items():
         table.append((f"kernel {key}", str(value)))
+    table.append(("kernel attention", COVERAGE))
     if selftest:
         table.append(("kernel selftest", ops.selftest()))
     for name in ENVIRONMENT:

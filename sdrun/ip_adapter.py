@@ -2,9 +2,10 @@
 
 FILE is an IP-Adapter in h94/IP-Adapter's layout (`image_proj.*` and `ip_adapter.*` tensors, .safetensors or
 .bin); its CLIP image encoder is a transformers folder, by default `image_encoder/` beside FILE as in that
-repository (`--ip-image-encoder DIR` otherwise). Loading goes through diffusers (`load_ip_adapter`), before the
-backends: `--xformers` then keeps the IP-Adapter's attention modules on PyTorch attention and says so (sdrun's
-kernel has no processor for them yet). One image and one scale serve the whole run.
+repository (`--ip-image-encoder DIR` otherwise). Loading goes through diffusers (`load_ip_adapter`), which sets
+new attention processors: `--xformers` turns them into sdrun's (text and image attention on its kernel) whether it
+applies after the adapter loads (as in a run) or before (then `load` installs the kernel again). One image and one
+scale serve the whole run.
 """
 
 from pathlib import Path
@@ -68,6 +69,8 @@ def load(pipe, adapters, errors: tuple) -> None:
     """The image encoder, then the IP-Adapter's projection and attention weights, at --ip-scale."""
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
+    from sdrun.ops.processor import reinstall
+
     path = Path(adapters.ip_adapter)
     try:
         encoder = CLIPVisionModelWithProjection.from_pretrained(encoder_folder(adapters), dtype=pipe.unet.dtype)
@@ -84,6 +87,7 @@ def load(pipe, adapters, errors: tuple) -> None:
                          f"({str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}): "
                          "give an IP-Adapter trained for this model's family") from None
     pipe.set_ip_adapter_scale(adapters.ip_scale)
+    reinstall(pipe)  # diffusers replaced the processors: if the kernel was installed, sdrun's come back
 
 
 def image_embeds(pipe, adapters, count: int, guidance: bool, device) -> list:

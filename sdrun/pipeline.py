@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from sdrun import adapters, backends, models, vae_file
+from sdrun import adapters, backends, lora_file, models, vae_file
 from sdrun.config import RunConfig
 from sdrun.errors import UsageError
 from sdrun.render.graphs import Graphs
@@ -94,13 +94,17 @@ def model_info(source: models.ModelSource) -> ModelInfo:
     if source.kind == "hub":
         return ModelInfo("sd1", *models.geometry(models.CONFIGS / "sd1"), assumed=True)
     if source.kind == "tiny":
-        family, folder = "tiny", models.CONFIGS / "tiny"
+        family = "tiny"
     elif source.kind == "file":
         family = models.file_family(source)
-        folder = source.config_dir or models.CONFIGS / family
     else:
-        family, folder = models.folder_family(source.path), source.path
-    return ModelInfo(family, *models.geometry(folder))
+        family = models.folder_family(source.path)
+    return ModelInfo(family, *models.geometry(config_folder(source, family)))
+
+
+def config_folder(source: models.ModelSource, family: str) -> Path:
+    """The diffusers folder whose configs describe a model on disk: its own, --config's, or sdrun's for its family."""
+    return source.path if source.kind == "folder" else source.config_dir or models.CONFIGS / family
 
 
 @dataclass
@@ -144,8 +148,9 @@ def plan_run(run: RunConfig, jobs: list, predict_only: bool = False) -> RunPlans
     """Check the run and plan every job, before any weights load. With --max-vram, the backends the plans add
     (fp16, tiling, offload) become the run's, since the model loads once with one set of them."""
     setup = check_run(run, predict_only)
-    run = replace(run, adapters=adapters.resolve(run.adapters, jobs))
     info = model_info(setup.source)
+    lora_target = None if info.assumed else lora_file.target(info.family, config_folder(setup.source, info.family))
+    run = replace(run, adapters=adapters.resolve(run.adapters, jobs, lora_target))
     jobs = list(dict.fromkeys(jobs))
     plans = _plan_jobs(run, setup, info, jobs)
     added_flags = [name for name in backends.ordered({f for plan in plans.values() for f in plan.flags})

@@ -1,4 +1,5 @@
-"""Test helpers: write diffusers pipelines back out in the original Stable Diffusion single-file key layout.
+"""Test helpers: write diffusers pipelines back out in the original Stable Diffusion single-file key layout, and
+IP-Adapters in h94/IP-Adapter's (`write_ip_adapter`).
 
 This is the inverse of diffusers' single-file conversion (diffusers/loaders/single_file_utils.py), kept as test
 code so the loader can be checked on files we make ourselves, since no real weights may be downloaded. It covers
@@ -17,7 +18,14 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from safetensors.torch import save_file
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+)
 
 from sdrun.models import build_tiny, tokenizer
 
@@ -174,3 +182,23 @@ def tiny_model_folder(tmp_path) -> Path:
     """Fixture: tmp_path/tiny-model, the tiny pipeline as a diffusers folder. Use with
     `from sd_layout import tiny_model_folder` in the test module (conftest.py belongs to the CLI tests)."""
     return tiny_folder(tmp_path / "tiny-model")
+
+
+def write_ip_adapter(folder: Path, unet, tokens: int = 4) -> Path:
+    """A random IP-Adapter in h94/IP-Adapter's layout for `unet`, with a tiny CLIP image encoder beside it in
+    image_encoder/: image_proj.{proj,norm} and ip_adapter.{1,3,5,...}.to_{k,v}_ip, one pair per cross-attention."""
+    torch.manual_seed(7)
+    width = unet.config.cross_attention_dim
+    CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+        patch_size=8, projection_dim=24)).save_pretrained(folder / "image_encoder")
+    tensors = {"image_proj.proj.weight": torch.randn(width * tokens, 24) * 0.3,
+               "image_proj.proj.bias": torch.zeros(width * tokens),
+               "image_proj.norm.weight": torch.ones(width), "image_proj.norm.bias": torch.zeros(width)}
+    cross = [name for name in unet.attn_processors if not name.endswith("attn1.processor")]
+    for i, name in enumerate(cross):
+        inner = unet.get_submodule(name.removesuffix(".processor")).to_k.out_features
+        for kind in ("k", "v"):
+            tensors[f"ip_adapter.{2 * i + 1}.to_{kind}_ip.weight"] = torch.randn(inner, width) * 0.3
+    save_file(tensors, folder / "ip-adapter_tiny.safetensors")
+    return folder / "ip-adapter_tiny.safetensors"

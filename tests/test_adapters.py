@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import TINY, meta, pixels
 from safetensors.torch import save_file
-from sd_layout import tiny_sdxl
+from sd_layout import tiny_sdxl, write_ip_adapter
 
 from sdrun import hashes, models
 
@@ -44,7 +44,10 @@ def adapter_files(tmp_path_factory) -> Path:
               folder / "ink.safetensors")
     save_file(lora_tensors({"unet": pipe.unet, "text_encoder": pipe.text_encoder}, "diffusers", seed=2),
               folder / "chalk.safetensors")
-    save_file(lora_tensors({"lora_unet_": xl.unet, "lora_te1_": xl.text_encoder}, "kohya"), folder / "xl.safetensors")
+    xl_lora = lora_tensors({"lora_unet_": xl.unet, "lora_te1_": xl.text_encoder}, "kohya")
+    save_file(xl_lora, folder / "xl.safetensors")
+    torch.save(xl_lora, folder / "xl.pt")  # a pickle: no header to check, so diffusers' loading finds out
+    save_file(lora_tensors({"lora_te2_": xl.text_encoder_2}, "kohya"), folder / "xl-te2.safetensors")
     save_file({"model.diffusion_model.out.weight": torch.zeros(4)}, folder / "checkpoint.safetensors")
     torch.manual_seed(5)
     save_file({"emb_params": torch.randn(2, 32)}, folder / "mystyle.safetensors")  # two vectors, A1111's layout
@@ -82,7 +85,11 @@ def test_prompt_tag_needs_a_known_lora_and_bad_files_are_one_line_errors(sdrun, 
         (("a fox <lora:nothere>", "--lora-dir", adapter_files), 2, "no such file"),
         (("a fox", "--lora", "missing.safetensors"), 2, "--lora missing.safetensors: no such file"),
         (("a fox", "--lora", adapter_files / "checkpoint.safetensors"), 1, "holds no LoRA weights"),
-        (("a fox", "--lora", adapter_files / "xl.safetensors"), 1, "is not a LoRA for this tiny model"),
+        (("a fox", "--lora", adapter_files / "xl.safetensors"), 2, f"the LoRA {adapter_files / 'xl.safetensors'} is "
+         "for another model family (its cross-attention reads 96-wide text states), but this model is tiny "
+         "(32-wide): give a LoRA trained for tiny models, or a model of the LoRA's family with --model"),
+        (("a fox", "--lora", adapter_files / "xl-te2.safetensors"), 2, "is for SDXL (it changes a second text encoder)"),
+        (("a fox", "--lora", adapter_files / "xl.pt"), 1, "is not a LoRA for this tiny model"),
         (("a fox", "--embedding", adapter_files / "wide.safetensors"), 1, "is not a textual-inversion embedding"),
         (("a fox", "--embedding", "nothere.pt"), 2, "no such file"),
     ]
@@ -91,6 +98,22 @@ def test_prompt_tag_needs_a_known_lora_and_bad_files_are_one_line_errors(sdrun, 
         assert result.exit_code == code and message in result.stderr, (args, result)
         assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
         assert not Path("never.png").exists()
+    result = sdrun("plan", "a fox", *RUN, "--lora", adapter_files / "xl.safetensors")  # plan loads no weights
+    assert result.exit_code == 2 and "is for another model family" in result.stderr, result
+
+
+@pytest.mark.parametrize("key", ["lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight",
+                                 "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_v.lora_A.weight",
+                                 "unet.mid_block.attentions.0.transformer_blocks.0.attn2.processor.to_k_lora.down.weight",
+                                 "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_v.lora_down.weight"])
+def test_lora_family_is_read_from_the_cross_attention_width_in_every_layout(key, tmp_path):
+    from sdrun import lora_file
+    from sdrun.errors import UsageError
+
+    save_file({key: torch.zeros(4, 2048)}, tmp_path / "l.safetensors")
+    lora_file.check(tmp_path / "l.safetensors", lora_file.Target("sdxl", 2048))
+    with pytest.raises(UsageError, match="the LoRA .* is for SDXL .* but this model is SD 1.x "):
+        lora_file.check(tmp_path / "l.safetensors", lora_file.Target("sd1", 768))
 
 
 def test_embedding_token_changes_the_image_and_an_unknown_token_does_not_crash(sdrun, adapter_files):
@@ -152,28 +175,6 @@ def test_skip_existing_keeps_only_an_image_made_with_the_same_loras(sdrun, adapt
     assert sdrun("a fox", *RUN, "--lora", f"{lora}:0.5", "-o", "fox.png", "--skip-existing").exit_code == 0
     result = sdrun("a fox", *RUN, "--lora", f"{lora}:0.9", "-o", "fox.png", "--skip-existing")
     assert result.exit_code == 1 and "its loras is" in result.stderr, result
-
-
-def write_ip_adapter(folder: Path, unet, tokens: int = 4) -> Path:
-    """A random IP-Adapter in h94/IP-Adapter's layout for `unet`, with a tiny CLIP image encoder beside it in
-    image_encoder/: image_proj.{proj,norm} and ip_adapter.{1,3,5,...}.to_{k,v}_ip, one pair per cross-attention."""
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    torch.manual_seed(7)
-    width = unet.config.cross_attention_dim
-    CLIPVisionModelWithProjection(CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
-        patch_size=8, projection_dim=24)).save_pretrained(folder / "image_encoder")
-    tensors = {"image_proj.proj.weight": torch.randn(width * tokens, 24) * 0.3,
-               "image_proj.proj.bias": torch.zeros(width * tokens),
-               "image_proj.norm.weight": torch.ones(width), "image_proj.norm.bias": torch.zeros(width)}
-    cross = [name for name in unet.attn_processors if not name.endswith("attn1.processor")]
-    for i, name in enumerate(cross):
-        inner = unet.get_submodule(name.removesuffix(".processor")).to_k.out_features
-        for kind in ("k", "v"):
-            tensors[f"ip_adapter.{2 * i + 1}.to_{kind}_ip.weight"] = torch.randn(inner, width) * 0.3
-    save_file(tensors, folder / "ip-adapter_tiny.safetensors")
-    return folder / "ip-adapter_tiny.safetensors"
 
 
 def test_ip_adapter_loads_in_the_real_layout_and_its_image_steers(sdrun, adapter_files, tmp_path):
