@@ -144,6 +144,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--images", type=int, default=5, help="images per CLI run (the first two are not steady)")
     parser.add_argument("--compile", action="store_true", help="add the diffusers + torch.compile row (minutes)")
+    parser.add_argument("--rows", default="diffusers,in-process,cli", help="which of diffusers,in-process,cli")
     parser.add_argument("--quick", action="store_true", help="4 steps, to check the script itself")
     args = parser.parse_args()
     device_name = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU"
@@ -164,19 +165,21 @@ def main() -> None:
         def row(label, seconds, overhead, peak, notes=""):
             print(f"| {case} | {label} | {seconds:.3f} | {overhead:.1f} | {peak:.2f} | {notes} |", flush=True)
 
+        rows = args.rows.split(",")
         try:
-            for label, seconds, overhead, peak in diffusers_rows(folder, family, size, steps, args.repeats,
+            for label, seconds, overhead, peak in [] if "diffusers" not in rows else diffusers_rows(folder, family, size, steps, args.repeats,
                                                                  args.compile and family != "tiny"):
                 row(label, seconds, overhead, peak)
         except Exception as error:  # a row that cannot run here says why; the table goes on
             print(f"| {case} | diffusers | failed: {str(error).splitlines()[0][:150]} | | | |", flush=True)
         flags = ("fp16", "xformers") if DEVICE == "cuda" else ()
         try:
-            row("sdrun in-process " + " ".join("--" + f for f in flags),
-                *sdrun_in_process(folder, size, steps, args.repeats, flags))
+            if "in-process" in rows:
+                row("sdrun in-process " + " ".join("--" + f for f in flags),
+                    *sdrun_in_process(folder, size, steps, args.repeats, flags))
         except Exception as error:
             print(f"| {case} | sdrun in-process | failed: {str(error).splitlines()[0][:150]} | | | |", flush=True)
-        for cli_flags in CLI_FLAGS if DEVICE == "cuda" else ((),):
+        for cli_flags in () if "cli" not in rows else CLI_FLAGS if DEVICE == "cuda" else ((),):
             try:
                 best, median, overhead, peak, notes = sdrun_cli(folder, size, steps, args.images, cli_flags)
                 row(f"sdrun CLI {' '.join(cli_flags)} (median {median:.3f})", best, overhead, peak,

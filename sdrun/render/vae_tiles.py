@@ -12,27 +12,33 @@ import torch
 
 @contextlib.contextmanager
 def tiles_of(vae, size: int, overlap: int):
-    """Turn `vae`'s tiling on, in tiles of `size` image pixels sharing `overlap`, for the block; then restore it.
-    The tiled calls go through `vae.decode`/`vae.encode`, not `tiled_decode`: those two carry the hook by which
-    --model-offload brings the VAE's weights to the GPU (a direct `tiled_decode` met them on the CPU)."""
+    """Set `vae`'s tiling to tiles of `size` image pixels sharing `overlap`, for the block; then restore it."""
     scale = 2 ** (len(vae.config.block_out_channels) - 1)
-    saved = vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size, vae.tile_overlap_factor
-    vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size = True, size, size // scale
+    saved = vae.tile_sample_min_size, vae.tile_latent_min_size, vae.tile_overlap_factor
+    vae.tile_sample_min_size, vae.tile_latent_min_size = size, size // scale
     vae.tile_overlap_factor = overlap / size
+    _onload(vae)
     try:
         yield
     finally:
-        vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size, vae.tile_overlap_factor = saved
+        vae.tile_sample_min_size, vae.tile_latent_min_size, vae.tile_overlap_factor = saved
+
+
+def _onload(vae) -> None:
+    """What `vae.decode`/`vae.encode` do first and `tiled_decode`/`tiled_encode` do not: run the hook by which
+    --model-offload brings the VAE's weights to the GPU (diffusers' apply_forward_hook)."""
+    hook = getattr(vae, "_hf_hook", None)
+    if hook is not None and hasattr(hook, "pre_forward"):
+        hook.pre_forward(vae)
 
 
 def decode(vae, latents: torch.Tensor, size: int, overlap: int) -> torch.Tensor:
-    """Latents (already divided by the scaling factor) -> pixels in [-1, 1], tile by tile (one tile when the
-    latents fit in one)."""
+    """Latents (already divided by the scaling factor) -> pixels in [-1, 1], tile by tile."""
     with tiles_of(vae, size, overlap):
-        return vae.decode(latents, return_dict=False)[0]
+        return vae.tiled_decode(latents, return_dict=False)[0]
 
 
 def encode(vae, pixels: torch.Tensor, size: int, overlap: int) -> torch.Tensor:
     """Pixels in [-1, 1] -> the latent distribution's parameters (mean and log-variance), tile by tile."""
     with tiles_of(vae, size, overlap):
-        return vae.encode(pixels).latent_dist.parameters
+        return vae.tiled_encode(pixels).latent_dist.parameters
