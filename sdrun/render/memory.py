@@ -50,7 +50,7 @@ FP8_SHARES = {
 }
 FP8_BYTES = 1
 TEXT_ACTIVATIONS_GIB = 0.05  # the text encoders' forward at 77 tokens: negligible beside everything else
-OFFLOADED_LAYER_SHARE = 0.02  # sequential offload keeps about one layer's weights resident at a time
+OFFLOADED_LAYER_SHARE = 0.02  # streaming keeps about one layer's weights (and the next one's copy) on the GPU
 
 
 @dataclass(frozen=True)
@@ -60,15 +60,24 @@ class Placement:
     mode: str  # "resident" | "model" | "layer"
     weight_bytes: int  # bytes per parameter in the compute dtype: 2 for fp16, 4 for fp32
     fp8: dict = field(default_factory=dict)  # component ("unet", "text") -> the share of it stored in fp8
+    unet_resident_gib: float | None = None  # partial residency: the UNet's weights kept on the GPU, the rest streamed
 
 
 def weights_gib(arch: Architecture, placement: Placement, component: str) -> float:
     """Weights on the GPU while `component` ("text", "unet", "vae") runs."""
     sizes = {"text": arch.text, "unet": arch.unet, "vae": arch.vae}
     if placement.mode == "resident":
-        return sum(_component_gib(sizes, placement, name) for name in sizes)
+        return sum(_resident_gib(sizes, placement, name) for name in sizes)
     share = 1 if placement.mode == "model" else OFFLOADED_LAYER_SHARE
     return _component_gib(sizes, placement, component) * share
+
+
+def _resident_gib(sizes: dict, placement: Placement, component: str) -> float:
+    """A resident component's weights on the GPU; a partly resident UNet's resident part plus the layers in flight."""
+    full = _component_gib(sizes, placement, component)
+    if component != "unet" or placement.unet_resident_gib is None:
+        return full
+    return min(full, placement.unet_resident_gib + full * OFFLOADED_LAYER_SHARE)
 
 
 def _component_gib(sizes: dict, placement: Placement, component: str) -> float:
