@@ -1,5 +1,6 @@
-"""Weights streamed to the GPU from pinned CPU memory as each layer runs: `--cpu-offload` streams every model,
-`--max-vram`'s partial residency streams only the UNet parts that do not fit.
+"""Weights kept in pinned CPU memory and copied to the GPU as they are needed: `--cpu-offload` streams every
+model layer by layer, `--max-vram`'s partial residency streams only the UNet parts that do not fit, and
+`--model-offload` brings whole models in one at a time (ModelSwap, at the end).
 
 Both use diffusers' group offloading at leaf level (every linear, convolution and embedding layer is a group; the
 norms' few weights ride with their parent module): each layer's weights are copied from a pinned CPU copy on a
@@ -14,6 +15,8 @@ undo; without a stream each layer's weights are moved where they are, in whateve
 """
 
 import torch
+from accelerate.hooks import ModelHook, add_hook_to_module
+from accelerate.utils import send_to_device
 from diffusers.hooks import apply_group_offloading
 
 GIB = 2**30
@@ -105,3 +108,57 @@ def _move_resident(module: torch.nn.Module, streamed: set[int], device: torch.de
         tensor.data = tensor.data.to(device)
     for child in module.children():
         _move_resident(child, streamed, device)
+
+
+
+class ModelSwap:
+    """--model-offload: one model on the GPU at a time, each one's home a pinned CPU copy of its weights. Bringing
+    a model in copies it (non-blocking, on the compute stream, so the kernels that read it queue after the copy);
+    putting one away drops its GPU copy and copies nothing back, since weights do not change during a render
+    (diffusers' enable_model_cpu_offload moves each model back from the GPU to pageable memory instead)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.current = None
+        self.homes = {}  # id(model) -> [(tensor, its home in CPU memory)]
+
+    def add(self, model: torch.nn.Module) -> None:
+        tensors = list(dict.fromkeys((*model.parameters(), *model.buffers())))
+        if self.device.type == "cuda":  # pinned: copied in at full PCIe speed, and without blocking the host
+            for tensor in tensors:
+                tensor.data = tensor.data.pin_memory()
+        self.homes[id(model)] = [(tensor, tensor.data) for tensor in tensors]
+        add_hook_to_module(model, BringHook(self, model))
+
+    def bring(self, model: torch.nn.Module) -> None:
+        if self.current is model:
+            return
+        if self.current is not None:
+            for tensor, home in self.homes[id(self.current)]:
+                tensor.data = home
+        # in the tensor's dtype, which the decode's float32 upcast may have changed while the model was away; a
+        # copy even where device and dtype are the home's (the CPU), so a model in use never writes to its home
+        for tensor, home in self.homes[id(model)]:
+            tensor.data = home.to(self.device, dtype=tensor.dtype, non_blocking=True, copy=True)
+        self.current = model
+
+
+class BringHook(ModelHook):
+    """Brings its model in before it runs: accelerate's hook protocol, which diffusers also calls from the VAE's
+    encode and decode, and whose execution_device tells get_module_execution_device where inputs go."""
+
+    def __init__(self, swap: ModelSwap, model: torch.nn.Module):
+        self.swap, self.model, self.execution_device = swap, model, swap.device
+
+    def pre_forward(self, module, *args, **kwargs):
+        self.swap.bring(self.model)
+        return send_to_device(args, self.swap.device), send_to_device(kwargs, self.swap.device)
+
+
+def swap_models(pipe, device: torch.device) -> str:
+    """--model-offload: every model of `pipe` in CPU memory, each brought to `device` when it runs."""
+    swap = ModelSwap(device)
+    names = [name for name, component in pipe.components.items() if isinstance(component, torch.nn.Module)]
+    for name in names:
+        swap.add(getattr(pipe, name))
+    return f"--model-offload: {', '.join(names)} on the GPU one at a time, each copied in from pinned CPU memory"

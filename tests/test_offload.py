@@ -98,22 +98,44 @@ def test_partial_residency_applied_at_load_keeps_the_image():
     assert np.array_equal(plain, partly)
 
 
-def test_cpu_offload_streams_every_model_and_keeps_the_image(sdrun, monkeypatch):
-    """--cpu-offload through the real CLI, its CUDA check lifted: group offloading's hooks on the text encoder, the
-    UNet sdrun's own loop calls and the VAE whose decode sdrun calls; the image matches a run without it."""
+@pytest.mark.parametrize("flag, hooked", [
+    ("--cpu-offload", lambda module: getattr(module, "_diffusers_hook", None) is not None),
+    ("--model-offload", lambda module: isinstance(getattr(module, "_hf_hook", None), offload.BringHook)),
+])
+def test_offloads_keep_the_image_on_sdruns_render_path(sdrun, monkeypatch, flag, hooked):
+    """The offloads through the real CLI, their CUDA check lifted: hooks on the text encoder, on the UNet that
+    sdrun's own loop calls and on the VAE whose decode sdrun calls; the image matches a run without them."""
     monkeypatch.setattr(Backend, "unavailable_reasons", lambda self, device: [])
-    streamed = []
-    real = offload.stream_pipeline
-    monkeypatch.setattr(offload, "stream_pipeline", lambda pipe, device: streamed.append(pipe) or real(pipe, device))
+    applied = []
+    for name in ("stream_pipeline", "swap_models"):
+        real = getattr(offload, name)
+        monkeypatch.setattr(offload, name, lambda pipe, device, real=real: applied.append(pipe) or real(pipe, device))
     plain = sdrun("a red fox", *TINY, "--seed", "3", "-o", "plain.png")
-    offloaded = sdrun("a red fox", *TINY, "--seed", "3", "-o", "offloaded.png", "--cpu-offload")
+    offloaded = sdrun("a red fox", *TINY, "--seed", "3", "-o", "offloaded.png", flag)
     assert plain.exit_code == 0 and offloaded.exit_code == 0, offloaded
-    assert "streamed layer by layer" in offloaded.stderr
-    pipe = streamed[0]
-    assert all(any(getattr(m, "_diffusers_hook", None) is not None for m in component.modules())
-               for component in (pipe.text_encoder, pipe.unet, pipe.vae))
+    assert flag + ": " in offloaded.stderr
+    pipe = applied[0]
+    assert all(any(hooked(m) for m in component.modules()) for component in (pipe.text_encoder, pipe.unet, pipe.vae))
     assert np.array_equal(np.asarray(Image.open("plain.png")), np.asarray(Image.open("offloaded.png")))
     assert cpu_offload.BACKEND.places_pipeline
+
+
+def test_model_swap_keeps_one_model_in_and_follows_a_dtype_change_made_while_away():
+    pipe = models.build_tiny()
+    swap = offload.ModelSwap(torch.device("cpu"))
+    for model in (pipe.unet, pipe.vae):
+        swap.add(model)
+
+    def at_home(model) -> bool:
+        return all(t.data_ptr() == home.data_ptr() for t, home in swap.homes[id(model)])
+
+    swap.bring(pipe.unet)
+    assert swap.current is pipe.unet and not at_home(pipe.unet) and at_home(pipe.vae)
+    pipe.vae.to(dtype=torch.float64)  # as the decode's float32 upcast does, while the VAE is away
+    swap.bring(pipe.vae)
+    assert swap.current is pipe.vae and pipe.vae.dtype == torch.float64
+    assert at_home(pipe.unet)  # put away: its tensors are its homes again, nothing copied back
+    assert all(torch.equal(t.float(), home.float()) for t, home in swap.homes[id(pipe.vae)])
 
 
 @pytest.mark.parametrize("component, streams", [("unet", True), ("text_encoder", True), ("vae", False)])
