@@ -1,17 +1,24 @@
 """Weights kept in pinned CPU memory and copied to the GPU as they are needed: `--cpu-offload` streams every
-model layer by layer, `--max-vram`'s partial residency streams only the UNet parts that do not fit, and
+model block by block, `--max-vram`'s partial residency streams only the UNet parts that do not fit, and
 `--model-offload` brings whole models in one at a time (ModelSwap, at the end).
 
-Both use diffusers' group offloading at leaf level (every linear, convolution and embedding layer is a group; the
-norms' few weights ride with their parent module): each layer's weights are copied from a pinned CPU copy on a
-side CUDA stream while the layer before it computes (prefetch, in the order the first call traced), and dropped
-after its own forward, so nothing is copied back: the pinned copy stays the weights' home. `record_stream` lets
-the host run ahead instead of waiting for each layer's compute before freeing its weights; under --max-vram the
-allocator's limit waits for those frees when the budget is reached, so the run still fits.
+Streaming is diffusers' group offloading: each group's weights are copied from a pinned CPU copy on a side CUDA
+stream while the group before it computes (prefetch, in the order the first call traced), and dropped after its
+own forward, so nothing is copied back: the pinned copy stays the weights' home. `record_stream` lets the host run
+ahead instead of waiting for each group's compute before freeing its weights (under --max-vram the allocator,
+at its limit, waits for those frees instead of failing).
 
-The VAE streams without a side stream: its decode is not its `forward` (so no call traces its order for the
-prefetch), and the decode upcasts it to float32 when fp16 overflows, which a stream's pinned fp16 copies would
-undo; without a stream each layer's weights are moved where they are, in whatever dtype they have.
+- The UNet streams in groups of one resnet, one attention (transformer) or one sampler each: ~45 groups in SD 1.5,
+  at most ~100 MB each, so a step pays a few dozen host syncs rather than one per layer (leaf level: ~900), and the
+  largest groups sit at the lowest resolution, where activations are smallest. Its embeddings and first and last
+  layers are one small group, on the GPU for the whole call.
+- The text encoders stream layer by layer (leaf level): they run once per prompt, and a transformers model has no
+  block structure group offloading could use without nesting its prefetch chains.
+- The VAE streams layer by layer without a side stream: its decode is not its `forward` (so no call traces its
+  order for the prefetch), and the decode upcasts it to float32 when fp16 overflows, which a stream's pinned fp16
+  copies would undo; without a stream each layer's weights are moved where they are, in whatever dtype they have.
+- Partial residency streams its UNet parts layer by layer: each part is a resnet or a transformer layer, whose
+  children are layers, not block lists.
 """
 
 import torch
@@ -20,32 +27,38 @@ from accelerate.utils import send_to_device
 from diffusers.hooks import apply_group_offloading
 
 GIB = 2**30
-STREAMED = {"offload_type": "leaf_level", "use_stream": True, "record_stream": True}
-UNSTREAMED = {"offload_type": "leaf_level"}  # no side stream: the VAE, and every model on a device without streams
-# The configurations bench/memory.py measures beside STREAMED, so the next choice is a one-line change.
+LAYERS = {"offload_type": "leaf_level", "use_stream": True, "record_stream": True}
+# block_modules: the block lists (and their entries, named by index) that group offloading descends into, so that
+# the groups are the lists inside each block (resnets, attentions, samplers), one entry a group
+UNET_PARTS = {"offload_type": "block_level", "num_blocks_per_group": 1, "use_stream": True, "record_stream": True,
+              "block_modules": ["down_blocks", "mid_block", "up_blocks", *map(str, range(8))]}
+STREAMED = {"unet": UNET_PARTS, "text": LAYERS, "vae": {"offload_type": "leaf_level"}, "partial": LAYERS}
+# What bench/memory.py measures, STREAMED first, so that the next choice is a one-line change.
 CANDIDATES = {
-    "leaf, stream, record_stream": STREAMED,
-    "leaf, stream, synced frees": {"offload_type": "leaf_level", "use_stream": True},
-    "block, 1 per group, stream, record_stream": {"offload_type": "block_level", "num_blocks_per_group": 1,
-                                                  "use_stream": True, "record_stream": True},
+    "UNet by resnet/attention, record_stream": STREAMED,
+    "UNet by resnet/attention, synced frees": STREAMED | {"unet": UNET_PARTS | {"record_stream": False}},
+    "UNet by layer, record_stream": STREAMED | {"unet": LAYERS},
+    "UNet by layer, synced frees": STREAMED | {"unet": LAYERS | {"record_stream": False}},
 }
 
 
-def settings_for(device: torch.device, component: str, settings: dict = STREAMED) -> dict:
-    """Group-offloading options for one pipeline component on `device`."""
-    if component == "vae" or device.type != "cuda":
-        return UNSTREAMED
+def settings_for(device: torch.device, component: str, profile: dict = STREAMED) -> dict:
+    """Group-offloading options for one pipeline component ("unet", "vae", "partial", or a text or image
+    encoder's name) on `device`: without CUDA streams (the CPU, in tests), the same grouping moved synchronously."""
+    settings = profile.get(component, profile["text"])
+    if device.type != "cuda":
+        settings = {key: value for key, value in settings.items() if key not in ("use_stream", "record_stream")}
     return settings
 
 
-def stream_pipeline(pipe, device: torch.device, settings: dict = STREAMED) -> str:
-    """--cpu-offload: every model of `pipe` keeps its weights in CPU memory and streams them layer by layer."""
+def stream_pipeline(pipe, device: torch.device, profile: dict = STREAMED) -> str:
+    """--cpu-offload: every model of `pipe` keeps its weights in CPU memory and streams them as it runs."""
     streamed = []
     for name, component in pipe.components.items():
         if isinstance(component, torch.nn.Module):
-            apply_group_offloading(component, onload_device=device, **settings_for(device, name, settings))
+            apply_group_offloading(component, onload_device=device, **settings_for(device, name, profile))
             streamed.append(name)
-    return f"--cpu-offload: {', '.join(streamed)} streamed layer by layer from CPU memory"
+    return f"--cpu-offload: {', '.join(streamed)} streamed from CPU memory as they run"
 
 
 def unet_units(unet: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
@@ -93,7 +106,7 @@ def stream_unet_partly(unet: torch.nn.Module, device: torch.device, resident_gib
     total = module_bytes(unet)
     chosen = streamed_units(unet, resident_gib)
     for _name, unit in chosen:
-        apply_group_offloading(unit, onload_device=device, **settings_for(device, "unet"))
+        apply_group_offloading(unit, onload_device=device, **settings_for(device, "partial"))
     _move_resident(unet, {id(unit) for _name, unit in chosen}, device)
     streamed = sum(module_bytes(unit) for _name, unit in chosen)
     return (f"partial residency: {(total - streamed) / GIB:.2f} of the UNet's {total / GIB:.2f} GiB of weights on "

@@ -138,9 +138,25 @@ def test_model_swap_keeps_one_model_in_and_follows_a_dtype_change_made_while_awa
     assert all(torch.equal(t.float(), home.float()) for t, home in swap.homes[id(pipe.vae)])
 
 
-@pytest.mark.parametrize("component, streams", [("unet", True), ("text_encoder", True), ("vae", False)])
+@pytest.mark.parametrize("component, streams", [("unet", True), ("text_encoder", True), ("partial", True),
+                                               ("vae", False)])
 def test_the_vae_streams_without_a_side_stream(component, streams):
     """The VAE's decode upcasts it to float32 on overflow, which pinned fp16 copies on a stream would undo."""
-    chosen = offload.settings_for(torch.device("cuda"), component)
-    assert chosen.get("use_stream", False) is streams
+    assert offload.settings_for(torch.device("cuda"), component).get("use_stream", False) is streams
     assert not offload.settings_for(torch.device("cpu"), component).get("use_stream", False)
+
+
+def test_the_unet_streams_one_resnet_attention_or_sampler_a_group():
+    from diffusers.hooks.group_offloading import _GROUP_OFFLOADING
+
+    pipe = models.build_tiny()
+    offload.stream_pipeline(pipe, torch.device("cpu"))
+    hooks = [m._diffusers_hook.get_hook(_GROUP_OFFLOADING) for m in pipe.unet.modules()
+             if hasattr(m, "_diffusers_hook")]
+    groups = {id(hook.group): hook.group for hook in hooks if hook is not None}
+    parts = {id(part) for block in (*pipe.unet.down_blocks, pipe.unet.mid_block, *pipe.unet.up_blocks)
+             for lists in block.children() if isinstance(lists, torch.nn.ModuleList) for part in lists}
+    grouped = [group for group in groups.values() if group.modules and all(id(m) in parts for m in group.modules)]
+    rest = [group for group in groups.values() if group not in grouped]
+    assert len(grouped) >= 10 and all(len(group.modules) == 1 for group in grouped)
+    assert len(rest) == 1 and rest[0].offload_leader is pipe.unet  # embeddings, conv_in, conv_out

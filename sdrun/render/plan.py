@@ -97,7 +97,7 @@ class RenderPlan:
     sequential_guidance: bool
     max_vram: float | None = None
     added: tuple[str, ...] = ()  # what --max-vram added to fit, ESCALATION names
-    unet_resident_gib: float | None = None  # partial residency: GiB of UNet weights kept on the GPU, the rest streamed
+    unet_resident_gib: float | None = None  # partial residency: UNet GiB kept on the GPU, the rest streamed
 
     @property
     def peak_gib(self) -> float | None:
