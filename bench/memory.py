@@ -17,8 +17,9 @@ Models: full-size architectures (configs/sd1, configs/sdxl) with seeded random w
 
 Offload rows run fewer steps (--offload-steps) to keep the run short; compare them by it/s.
 
-    python bench/memory.py                     # SD 1.5 and SDXL tables, ~5-6 minutes on an H200
-    python bench/memory.py --sd15-only         # or --sdxl-only: one half
+    python bench/memory.py --sd15-only         # SD 1.5 table, about 4 minutes on an H200 (each sdrun row is a
+    python bench/memory.py --sdxl-only         # process: import, load, 3 images); SDXL, about 4-5 minutes
+    python bench/memory.py                     # both, one after the other
     python bench/memory.py --quick             # fewer steps, one timed image: the script itself
     python bench/memory.py --family tiny --xl-family tiny --size 64 --xl-size 64 --quick   # plumbing, any machine
 """
@@ -190,7 +191,7 @@ def main() -> None:
     parser.add_argument("--xl-family", default="sdxl", help="the SDXL table's architecture (tiny: plumbing)")
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--xl-size", type=int, default=1024)
-    parser.add_argument("--offload-steps", type=int, default=20, help="steps of the offload rows")
+    parser.add_argument("--offload-steps", type=int, default=10, help="steps of the offload rows")
     args = parser.parse_args()
     repeats = 1 if args.quick else 2
     sd_steps, xl_steps, offload_steps = (5, 5, 3) if args.quick else (50, 30, args.offload_steps)
