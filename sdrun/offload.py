@@ -141,7 +141,9 @@ class ModelSwap:
             for tensor in tensors:
                 tensor.data = tensor.data.pin_memory()
         self.homes[id(model)] = [(tensor, tensor.data) for tensor in tensors]
-        add_hook_to_module(model, BringHook(self, model))
+        # its children too: the VAE's tiled decode and encode call its decoder and encoder, not decode or encode
+        for module in (model, *model.children()):
+            add_hook_to_module(module, BringHook(self, model))
 
     def bring(self, model: torch.nn.Module) -> None:
         if self.current is model:

@@ -136,6 +136,10 @@ def test_model_swap_keeps_one_model_in_and_follows_a_dtype_change_made_while_awa
     assert swap.current is pipe.vae and pipe.vae.dtype == torch.float64
     assert at_home(pipe.unet)  # put away: its tensors are its homes again, nothing copied back
     assert all(torch.equal(t.float(), home.float()) for t, home in swap.homes[id(pipe.vae)])
+    swap.bring(pipe.unet)
+    with torch.no_grad():  # the tiled decode calls the decoder itself, not the VAE's decode
+        pipe.vae.tiled_decode(torch.zeros(1, 4, 8, 8))
+    assert swap.current is pipe.vae
 
 
 @pytest.mark.parametrize("component, streams", [("unet", True), ("text_encoder", True), ("partial", True),
