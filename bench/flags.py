@@ -25,8 +25,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import diffusers  # noqa: E402
-from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,  # noqa: E402
-                       UNet2DConditionModel)
+from diffusers import (  # noqa: E402
+    AutoencoderKL,
+    DDIMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # noqa: E402
 
 from sdrun import models, pipeline  # noqa: E402
@@ -59,24 +64,24 @@ ROWS_1024 = [
 
 
 def build(family: str, folder: Path) -> None:
-    """Save a pipeline of the architecture in configs/<family> (SD 1.x/2.x, or SDXL with its second text encoder)
-    with seeded random weights as a diffusers folder."""
+    """Save a pipeline of configs/<family>'s architecture (SD 1.x/2.x, SDXL) with seeded random weights as a
+    diffusers folder."""
     torch.manual_seed(0)
     config = models.CONFIGS / family
-    xl = (config / "text_encoder_2").is_dir()
-    with torch.device(DEVICE):  # initialising 1-3.5 B parameters is seconds on the GPU, minutes on a CPU
+    sdxl = (config / "text_encoder_2").is_dir()
+    with torch.device(DEVICE):  # initialising 1-3 B parameters is seconds on the GPU, minutes on a CPU
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config / "unet"))
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(config / "vae"))
         text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(config / "text_encoder"))
-        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(config / "text_encoder_2")) \
-            if xl else None
+        text_encoder_2 = (CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(config / "text_encoder_2"))
+                          if sdxl else None)
     with torch.no_grad():
         for module in (unet, vae, text_encoder, text_encoder_2):
             for parameter in module.parameters() if module is not None else ():
                 if parameter.dim() >= 2:
                     parameter.mul_(0.5)
     scheduler = DDIMScheduler.from_pretrained(config, subfolder="scheduler")
-    if xl:
+    if sdxl:
         pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
                                          tokenizer=models.tokenizer(), tokenizer_2=models.tokenizer("!"), unet=unet,
                                          scheduler=scheduler)
