@@ -208,10 +208,11 @@ def main() -> None:
                       (fp16 + ["--model-offload"], False), (fp16 + ["--cpu-offload"], True)]
         diffusers_rows = [(COMPUTE, resident, False), ("layerwise fp8", layerwise_fp8, False),
                           ("model offload", model_offload, False), ("sequential offload", sequential_offload, True)]
-        if not CUDA:  # the offloads and --max-vram need a GPU: the plumbing runs the rest
+        if not CUDA:  # sdrun's offloads and --max-vram need a GPU: the plumbing runs the rest (and the candidates'
+            # hooks, without streams)
             sdrun_rows, diffusers_rows = sdrun_rows[:2], diffusers_rows[:2]
         table(f"{args.family} {size}x{size}",
-              rows_for(folder, size, sd_steps, offload_steps, repeats, sdrun_rows, diffusers_rows, CUDA))
+              rows_for(folder, size, sd_steps, offload_steps, repeats, sdrun_rows, diffusers_rows, True))
         quality(folder, size, sd_steps)
     if not args.sd15_only:
         folder = model_folder(args.xl_family)
