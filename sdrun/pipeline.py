@@ -59,6 +59,7 @@ class RunSetup:
     device: torch.device
     chosen: tuple  # Backend objects
     vae: Path | None = None  # --vae: a separate VAE, checked
+    unet_resident_gib: float | None = None  # --max-vram's partial residency: UNet GiB kept on the GPU at load
 
 
 def resolve_device(name: str) -> torch.device:
@@ -140,7 +141,9 @@ class RunPlans:
         said = dict(ESCALATION)
         peak = max(plan.peak_gib for plan in self.plans.values())
         return (f"sdrun: --max-vram {self.run.max_vram:g} added " + "; ".join(
-            ("--" + name.replace("_", "-") + ": " if name != "exact" else "") + said[name] for name in self.added)
+            (backends.BY_NAME[name].flag + ": " if name in backends.BY_NAME else "") + said[name]
+            + (f" ({self.setup.unet_resident_gib:.2f} GiB resident)" if name == "partial" else "")
+            for name in self.added)
             + f" (predicted peak {peak:.2f} GiB)")
 
 
@@ -156,19 +159,31 @@ def plan_run(run: RunConfig, jobs: list, predict_only: bool = False) -> RunPlans
     added_flags = [name for name in backends.ordered({f for plan in plans.values() for f in plan.flags})
                    if name not in run.flags]
     exact = any(plan.chunked_feed_forward for plan in plans.values())
-    if added_flags:
+    resident = _partial_residency(plans.values(), run.flags + tuple(added_flags))
+    if added_flags or resident is not None:
         run = replace(run, flags=backends.ordered(run.flags + tuple(added_flags)))
-        setup = check_run(run, predict_only)
+        setup = replace(check_run(run, predict_only), unet_resident_gib=resident)
         plans = _plan_jobs(run, setup, info, jobs)
-    added = (("exact",) if exact and run.max_vram is not None else ()) + tuple(added_flags)
+    chosen = {*added_flags, *(("exact",) if exact and run.max_vram is not None else ()),
+              *(("partial",) if resident is not None else ())}
+    added = tuple(name for name, _why in ESCALATION if name in chosen)
     plans = {job: replace(plan, added=added) for job, plan in plans.items()}  # what the run added, in the metadata
     return RunPlans(run, setup, info, plans, added)
+
+
+def _partial_residency(plans, flags: tuple[str, ...]) -> float | None:
+    """The UNet GiB the run keeps on the GPU: the least any job's plan needs (the model loads once), or None when no
+    plan needs partial residency or an offload flag places the model anyway."""
+    needed = [plan.unet_resident_gib for plan in plans if plan.unet_resident_gib is not None]
+    if not needed or any(backends.BY_NAME[name].places_pipeline for name in flags):
+        return None
+    return min(needed)
 
 
 def _plan_jobs(run: RunConfig, setup: RunSetup, info: ModelInfo, jobs: list) -> dict:
     budget = run.max_vram if run.max_vram is not None else device_memory_gib(setup.device)
     return {job: make_plan(run, job, info, setup.device.type,
-                           image_size(job.init_image) if job.init_image else None, budget)
+                           image_size(job.init_image) if job.init_image else None, budget, setup.unet_resident_gib)
             for job in jobs}
 
 
@@ -188,6 +203,10 @@ def load(run: RunConfig, reporter, setup: RunSetup) -> Engine:
             if note:
                 reporter.note(note)
         if not any(backend.places_pipeline for backend in chosen):
+            if setup.unet_resident_gib is not None:  # before pipe.to, which leaves a streaming UNet where it is
+                from sdrun.offload import stream_unet_partly
+
+                reporter.note(stream_unet_partly(pipe.unet, device, setup.unet_resident_gib))
             pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     name = source.path.name if source.path is not None else run.model

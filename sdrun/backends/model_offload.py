@@ -1,17 +1,22 @@
-"""--model-offload: whole models (text encoder, UNet, VAE) move to the GPU one at a time, as each is needed."""
+"""--model-offload: whole models (text encoder, UNet, VAE) on the GPU one at a time, as each is needed, copied in
+from pinned CPU memory (sdrun/offload.py: ModelSwap)."""
 
 from sdrun.backends.base import Backend
 
 
 def apply(pipe, device):
-    pipe.enable_model_cpu_offload(device=device)
+    from sdrun.offload import swap_models
+
+    return swap_models(pipe, device)
 
 
 BACKEND = Backend(
     name="model_offload",
-    brief="saves 2.6 -> 1.9 GiB (SD 1.5 at 512x512); costs 1.5-1.9x the time",
-    help="Keep only the model in use on the GPU (UNet during denoising, VAE while decoding): "
-    "SD 1.5 at 512x512 2.6 -> 1.9 GiB, 1.5-1.9x the time (weights cross PCIe every image).",
+    brief="saves the weights of the models not running; costs one copy of each model per image (figures in "
+    "docs/benchmarks.md)",
+    help="Keep only the model in use on the GPU (UNet during denoising, VAE while decoding), each copied in from "
+    "pinned CPU memory when it runs: the other models' weights are saved, for one copy of each model over PCIe "
+    "per image (figures in docs/benchmarks.md).",
     apply=apply,
     lowers=("weights",),
     needs_cuda=True,

@@ -50,25 +50,39 @@ FP8_SHARES = {
 }
 FP8_BYTES = 1
 TEXT_ACTIVATIONS_GIB = 0.05  # the text encoders' forward at 77 tokens: negligible beside everything else
-OFFLOADED_LAYER_SHARE = 0.02  # sequential offload keeps about one layer's weights resident at a time
+OFFLOADED_LAYER_SHARE = 0.02  # streaming keeps about one layer's weights (and the next one's copy) on the GPU
+# --cpu-offload streams the UNet a resnet or attention at a time (sdrun/offload.py): the one running and the next
+# one's copy; SD 1.5's largest, 98 MB, is 6% of its UNet
+OFFLOADED_UNET_PART_SHARE = 0.10
 
 
 @dataclass(frozen=True)
 class Placement:
-    """How weights sit on the GPU: all resident, one model at a time (model offload), or one layer at a time."""
+    """How weights sit on the GPU: all resident (the UNet perhaps in part), one model at a time (model offload), or
+    streamed part by part (--cpu-offload)."""
 
     mode: str  # "resident" | "model" | "layer"
     weight_bytes: int  # bytes per parameter in the compute dtype: 2 for fp16, 4 for fp32
     fp8: dict = field(default_factory=dict)  # component ("unet", "text") -> the share of it stored in fp8
+    unet_resident_gib: float | None = None  # partial residency: the UNet's weights kept on the GPU, the rest streamed
 
 
 def weights_gib(arch: Architecture, placement: Placement, component: str) -> float:
     """Weights on the GPU while `component` ("text", "unet", "vae") runs."""
     sizes = {"text": arch.text, "unet": arch.unet, "vae": arch.vae}
     if placement.mode == "resident":
-        return sum(_component_gib(sizes, placement, name) for name in sizes)
-    share = 1 if placement.mode == "model" else OFFLOADED_LAYER_SHARE
+        return sum(_resident_gib(sizes, placement, name) for name in sizes)
+    share = 1 if placement.mode == "model" else OFFLOADED_UNET_PART_SHARE if component == "unet" else \
+        OFFLOADED_LAYER_SHARE
     return _component_gib(sizes, placement, component) * share
+
+
+def _resident_gib(sizes: dict, placement: Placement, component: str) -> float:
+    """A resident component's weights on the GPU; a partly resident UNet's resident part plus the layers in flight."""
+    full = _component_gib(sizes, placement, component)
+    if component != "unet" or placement.unet_resident_gib is None:
+        return full
+    return min(full, placement.unet_resident_gib + full * OFFLOADED_LAYER_SHARE)
 
 
 def _component_gib(sizes: dict, placement: Placement, component: str) -> float:

@@ -25,6 +25,7 @@ ESCALATION = (
     ("fp16", "half-precision weights"),
     ("vae_tiling", "VAE decode and encode in tiles"),
     ("fp8", "UNet weights stored in 8 bits (the image changes slightly)"),
+    ("partial", "as many UNet blocks on the GPU as fit, the rest streamed from CPU memory"),
     ("model_offload", "only the model in use on the GPU"),
     ("cpu_offload", "each layer on the GPU only while it runs"),
 )
@@ -96,6 +97,7 @@ class RenderPlan:
     sequential_guidance: bool
     max_vram: float | None = None
     added: tuple[str, ...] = ()  # what --max-vram added to fit, ESCALATION names
+    unet_resident_gib: float | None = None  # partial residency: UNet GiB kept on the GPU, the rest streamed
 
     @property
     def peak_gib(self) -> float | None:
@@ -107,6 +109,9 @@ class RenderPlan:
                  + (" ".join("--" + f.replace("_", "-") for f in self.flags) or "none")]
         if self.chunked_feed_forward or self.sequential_guidance:
             lines.append("feed-forward in chunks, guidance halves one after the other")
+        if self.unet_resident_gib is not None:
+            lines.append(f"UNet partly resident: {self.unet_resident_gib:.2f} GiB of its weights on the GPU, the rest "
+                         "streamed from CPU memory")
         for stage in self.stages:
             peak = f"{stage.peak_gib:6.2f} GiB  " if stage.peak_gib is not None else ""
             lines.append(f"  {peak}{stage.describe()}")
@@ -121,7 +126,8 @@ class RenderPlan:
                 "chunked_feed_forward": self.chunked_feed_forward, "sequential_guidance": self.sequential_guidance,
                 "predicted_peak_gib": None if self.peak_gib is None else round(self.peak_gib, 2),
                 "predicted_stage_peaks_gib": [None if s.peak_gib is None else round(s.peak_gib, 2) for s in self.stages],
-                "max_vram": self.max_vram, "added_for_max_vram": list(self.added)}
+                "max_vram": self.max_vram, "added_for_max_vram": list(self.added),
+                "unet_resident_gib": self.unet_resident_gib}
 
 
 @dataclass(frozen=True)
@@ -161,16 +167,18 @@ class Settings:
     window_batch: int | None  # None: the largest that fits
     vae_tile: int
     vae_overlap: int
+    unet_resident_gib: float | None = None  # partial residency; None: the UNet is placed whole (or offloaded)
 
 
 def make_plan(run: RunConfig, job, info: ModelInfo, device: str, init_size=None,
-              budget: float | None = None) -> RenderPlan:
+              budget: float | None = None, unet_resident_gib: float | None = None) -> RenderPlan:
     """The plan for one job. `budget` (GiB) is --max-vram, or the GPU's memory when none was given (then only
-    exact settings and the window batch are chosen for it)."""
+    exact settings and the window batch are chosen for it). `unet_resident_gib` fixes partial residency (the run
+    loads the model once, with the smallest share any of its jobs needs)."""
     options = run.backend_options
     settings = Settings(backends.ordered(run.flags), False, _latents(options.get("window_size"), info),
                         _latents(options.get("window_overlap"), info), options.get("window_batch"),
-                        *backends.vae_tiles(options))
+                        *backends.vae_tiles(options), unet_resident_gib)
     _check_tiles(settings, info)
     sizes = job_sizes(job, info, init_size)
     plan = _build(run, job, info, device, sizes, settings, budget)
@@ -181,6 +189,11 @@ def make_plan(run: RunConfig, job, info: ModelInfo, device: str, init_size=None,
     for name, _why in steps:
         if name == "exact":
             settings = replace(settings, exact=True)
+        elif name == "partial":
+            resident = _resident_that_fits(run, job, info, device, sizes, settings, budget)
+            if resident is None:
+                continue
+            settings = replace(settings, unet_resident_gib=resident)
         elif name not in settings.flags:
             flags = [f for f in settings.flags if not (name == "cpu_offload" and f == "model_offload")]
             settings = replace(settings, flags=backends.ordered(flags + [name]))
@@ -196,6 +209,18 @@ def make_plan(run: RunConfig, job, info: ModelInfo, device: str, init_size=None,
                      f"{sizes.base[1]}" + (f" -> {sizes.hires[0]}x{sizes.hires[1]}" if sizes.hires else "")
                      + f" (at least {plan.peak_gib / HEADROOM:.1f} GiB with every memory setting on): give a larger "
                      "--max-vram, or a smaller size")
+
+
+def _resident_that_fits(run: RunConfig, job, info: ModelInfo, device: str, sizes: Sizes, settings: Settings,
+                        budget: float) -> float | None:
+    """The GiB of UNet weights that can stay on the GPU within the budget, the rest streamed; None when partial
+    residency does not apply (already chosen, or an offload places the model) or even streaming all does not fit.
+    Every stage's peak holds the resident weights, so the room left at the highest peak with none resident is it."""
+    if settings.unet_resident_gib is not None or {"model_offload", "cpu_offload"} & set(settings.flags):
+        return None
+    streamed = _build(run, job, info, device, sizes, replace(settings, unet_resident_gib=0.0), budget)
+    room = budget * HEADROOM - streamed.peak_gib
+    return math.floor(room * 100) / 100 if room > 0 else None
 
 
 def _latents(pixels: int | None, info: ModelInfo) -> int | None:
@@ -221,7 +246,7 @@ def _build(run: RunConfig, job, info: ModelInfo, device: str, sizes: Sizes, sett
            for part, flag in (("unet", "fp8"), ("text", "fp8_text_encoders")) if flag in settings.flags}
     placement = memory.Placement("layer" if "cpu_offload" in settings.flags else
                                  "model" if "model_offload" in settings.flags else "resident", 2 if fp16 else 4,
-                                 fp8)
+                                 fp8, settings.unet_resident_gib)
     value_bytes = 2 if fp16 else 4
     batch = min(run.batch_size, job.num_images)
     halves = 1 if (settings.exact or job.guidance <= 1) else 2
@@ -266,8 +291,10 @@ def _build(run: RunConfig, job, info: ModelInfo, device: str, sizes: Sizes, sett
                    StagePlan("prepare_latents", *sizes.hires, steps=steps, strength=job.hires_strength),
                    denoise_stage(sizes.hires, steps, job.hires_strength, True),
                    vae_stage("decode", sizes.hires, True)]
+    resident = settings.unet_resident_gib if placement.mode == "resident" else None
     return RenderPlan(run.model, info.family, device, settings.flags, tuple(stages), settings.vae_tile,
-                      settings.vae_overlap, settings.exact, settings.exact and job.guidance > 1, run.max_vram)
+                      settings.vae_overlap, settings.exact, settings.exact and job.guidance > 1, run.max_vram,
+                      unet_resident_gib=resident)
 
 
 def _windows(latent_h: int, latent_w: int, settings: Settings, native_latents: int, peak_of,
