@@ -16,7 +16,18 @@ Each tile and the statistics pass is one call of `vae.decoder` (`vae.encoder`), 
 decode stage's fp16 -> fp32 retry of an overflowing call) redoes just that call, the statistics with it.
 
 The statistics of a smaller rendition are an estimate, the same for every tile: where they are off, the whole
-image shifts a little, evenly, instead of tile by tile. Measured by bench/tiled_vae.py (its docstring has numbers).
+image shifts a little, evenly, instead of tile by tile. Shrinking by nearest keeps the input's distribution of
+values; an area or antialiased shrink smooths it, and the statistics with it (tiny VAE: mean error 6x that of
+nearest). Measured with bench/tiled_vae.py on the CPU (SD 1.5 VAE architecture, random weights conditioned as the
+bench says, float32, 512x512 from 1/f-noise latents, tile 256 overlap 32; error against the untiled decode):
+
+                  CPU s    max    mean   colour  spread   seam
+    untiled        18.3
+    diffusers      30.2   1.14   0.082   0.26    0.41    0.082
+    this module    29.9   0.36   0.026   0.093   0.092   0.028
+
+(colour: the largest per-channel mean error over a quarter-tile block; spread: the largest minus the smallest of
+them, tiles shifted against each other; seam: the mean error inside the overlaps.)
 """
 
 import math
@@ -99,7 +110,8 @@ class _SharedGroupNorm(TorchFunctionMode):
     def __init__(self, count: int):
         super().__init__()
         self.count, self.calls, self.recording = count, 0, False
-        self.statistics: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * count
+        # per slot, GroupNorm with the recorded statistics as one affine map per channel: (scale, shift), (B, C)
+        self.affine: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * count
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -108,29 +120,29 @@ class _SharedGroupNorm(TorchFunctionMode):
         x, groups, weight, bias, eps = _group_norm_arguments(*args, **kwargs)
         slot, self.calls = self.calls % self.count, self.calls + 1
         if self.recording:
-            variance, mean = torch.var_mean(x.float().flatten(2).unflatten(1, (groups, -1)).flatten(2), dim=-1,
-                                            correction=0)
-            self.statistics[slot] = mean, variance
-        mean, variance = self.statistics[slot]
-        return _normalise(x, groups, mean, variance, weight, bias, eps)
+            grouped = x.float().flatten(2).unflatten(1, (groups, -1)).flatten(2)  # (B, G, values)
+            variance, mean = torch.var_mean(grouped, dim=-1, correction=0)
+            self.affine[slot] = _affine(x.shape[1] // groups, mean, variance, weight, bias, eps)
+        scale, shift = self.affine[slot]
+        per_pixel = (*scale.shape, *[1] * (x.dim() - 2))
+        # in float32 and rounded once to x's dtype, as GroupNorm computes in fp16
+        return torch.addcmul(shift.view(per_pixel), x, scale.view(per_pixel)).to(x.dtype)
 
 
 def _group_norm_arguments(input, num_groups, weight=None, bias=None, eps=1e-5):  # noqa: A002 (F.group_norm's names)
     return input, num_groups, weight, bias, eps
 
 
-def _normalise(x, groups, mean, variance, weight, bias, eps) -> torch.Tensor:
-    """GroupNorm's output for the given per-(image, group) mean and variance: one affine map per channel, applied
-    in float32 and rounded once to x's dtype, as GroupNorm computes in fp16."""
-    per_group = x.shape[1] // groups
-    scale = torch.rsqrt(variance + eps).repeat_interleave(per_group, dim=1)  # (B, C)
+def _affine(per_group: int, mean, variance, weight, bias, eps) -> tuple[torch.Tensor, torch.Tensor]:
+    """GroupNorm with the given per-(image, group) mean and variance as x * scale + shift per (image, channel),
+    float32."""
+    scale = torch.rsqrt(variance + eps).repeat_interleave(per_group, dim=1)
     shift = -mean.repeat_interleave(per_group, dim=1) * scale
     if weight is not None:
         scale, shift = scale * weight.float(), shift * weight.float()
     if bias is not None:
         shift = shift + bias.float()
-    per_pixel = (*scale.shape, *[1] * (x.dim() - 2))
-    return torch.addcmul(shift.view(per_pixel), x, scale.view(per_pixel)).to(x.dtype)
+    return scale, shift
 
 
 class _Axis:
