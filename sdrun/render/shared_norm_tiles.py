@@ -67,7 +67,7 @@ def encode(vae, pixels: torch.Tensor, tile: int, overlap: int) -> torch.Tensor:
     return vae.quant_conv(moments) if vae.quant_conv is not None else moments
 
 
-def _tiled(network: nn.Module, inputs: torch.Tensor, grid: "_Grid", out_per_grid: float) -> torch.Tensor:
+def _tiled(network: nn.Module, inputs: torch.Tensor, grid: "_Grid", out_per_grid: int) -> torch.Tensor:
     """`network` over one image (1, C, H, W), in the tiles of `grid` (in latent pixels, of which the input has
     `inputs.shape[-1] / grid.width` pixels per side, the output `out_per_grid`): the statistics pass, then each tile's,
     blended in float32."""
@@ -84,11 +84,11 @@ def _tiled(network: nn.Module, inputs: torch.Tensor, grid: "_Grid", out_per_grid
             piece = network(inputs[..., rows.start * in_per_grid:rows.stop * in_per_grid,
                                    cols.start * in_per_grid:cols.stop * in_per_grid])
             if out is None:
-                out = torch.zeros(*piece.shape[:2], round(grid.height * out_per_grid),
-                                  round(grid.width * out_per_grid), dtype=torch.float32, device=piece.device)
+                out = torch.zeros(*piece.shape[:2], grid.height * out_per_grid, grid.width * out_per_grid,
+                                  dtype=torch.float32, device=piece.device)
             weights = grid.weights(rows, cols, out_per_grid, piece.device)
-            out[..., round(rows.start * out_per_grid):round(rows.stop * out_per_grid),
-                round(cols.start * out_per_grid):round(cols.stop * out_per_grid)] += piece.float() * weights
+            out[..., rows.start * out_per_grid:rows.stop * out_per_grid,
+                cols.start * out_per_grid:cols.stop * out_per_grid] += piece.float() * weights
     return out.to(piece.dtype)
 
 
@@ -157,13 +157,13 @@ class _Axis:
     def spans(self) -> list[slice]:
         return [slice(start, start + self.size) for start in self.starts]
 
-    def weights(self, index: int, per_unit: float, device) -> torch.Tensor:
+    def weights(self, index: int, per_unit: int, device) -> torch.Tensor:
         """Tile `index`'s blend weight at each of its pixels (`per_unit` a latent pixel): 1 where it is alone, a
         smoothstep across each overlap from 0 at the tile's edge, divided by the sum over the tiles (which it is
         already, unless a tile overlaps both neighbours so far that their ramps meet)."""
         def raw(i: int) -> torch.Tensor:
             start = self.starts[i]
-            positions = start + (torch.arange(round(self.size * per_unit), device=device) + 0.5) / per_unit
+            positions = start + (torch.arange(self.size * per_unit, device=device) + 0.5) / per_unit
             weight = torch.ones_like(positions)
             if i > 0:  # rising across the overlap with the previous tile
                 weight *= _smoothstep(positions, start, self.starts[i - 1] + self.size)
@@ -171,10 +171,10 @@ class _Axis:
                 weight *= 1 - _smoothstep(positions, self.starts[i + 1], start + self.size)
             return weight
 
-        total = torch.zeros(round(self.length * per_unit), device=device)
+        total = torch.zeros(self.length * per_unit, device=device)
         for i, start in enumerate(self.starts):
-            total[round(start * per_unit):round((start + self.size) * per_unit)] += raw(i)
-        mine = slice(round(self.starts[index] * per_unit), round((self.starts[index] + self.size) * per_unit))
+            total[start * per_unit:(start + self.size) * per_unit] += raw(i)
+        mine = slice(self.starts[index] * per_unit, (self.starts[index] + self.size) * per_unit)
         return raw(index) / total[mine]
 
 
@@ -201,7 +201,7 @@ class _Grid:
     def tiles(self) -> list[tuple[slice, slice]]:
         return [(rows, cols) for rows in self.rows.spans() for cols in self.cols.spans()]
 
-    def weights(self, rows: slice, cols: slice, per_unit: float, device) -> torch.Tensor:
+    def weights(self, rows: slice, cols: slice, per_unit: int, device) -> torch.Tensor:
         row = self.rows.weights(self.rows.starts.index(rows.start), per_unit, device)
         col = self.cols.weights(self.cols.starts.index(cols.start), per_unit, device)
         return row[:, None] * col
