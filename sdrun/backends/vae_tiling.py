@@ -1,4 +1,4 @@
-"""--vae-tiling: decode (and encode) in overlapping tiles, blended at their overlaps.
+"""--vae-tiling: decode (and encode) in overlapping tiles sharing GroupNorm statistics, blended at their overlaps.
 
 The decode and encode stages do the tiling (render/vae_tiles.py) with the plan's tile size, so nothing is set on the
 pipeline here: the backend carries the options and the memory effect the planner reads.
@@ -10,9 +10,10 @@ TILE_SIZE, TILE_OVERLAP = 512, 64  # pixels: 64 latents, the SD 1.x VAE's native
 
 BACKEND = Backend(
     name="vae_tiling",
-    brief="saves decode memory at big sizes (4K in a few GB); costs a slower decode, faint seams",
-    help="Decode and encode in overlapping tiles: VAE memory stays flat at large sizes (a 4K decode in a few GB "
-    "instead of 21 GiB); faint seams or colour shifts between tiles are possible. A slower decode.",
+    brief="saves decode memory at big sizes (4K in a few GB); costs a slower decode",
+    help="Decode and encode in overlapping tiles that share the VAE's normalisation statistics (no colour shift "
+    "between tiles): VAE memory stays flat at large sizes (a 4K decode in a few GB instead of 21 GiB). A slower "
+    "decode; pixels may differ slightly from an untiled decode.",
     lowers=("decode",),
     options=(Option("tile_size", f"--vae-tiling: tile side in image pixels  [default: {TILE_SIZE}]", minimum=64),
              Option("tile_overlap", f"--vae-tiling: pixels shared by neighbouring tiles  [default: {TILE_OVERLAP}]", minimum=0)),

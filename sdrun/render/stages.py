@@ -298,8 +298,8 @@ def _vae_decode(vae, latents: torch.Tensor, fp32: bool, tiles: tuple[int, int] |
 
 @contextlib.contextmanager
 def _upcast_overflowing(decoder, notes: DecodeNotes):
-    """Redo a decoder call (diffusers' tiled decode makes one a tile) whose output is not finite in float32, and
-    hand back its result in the decoder's dtype: only the tiles that overflow pay for float32."""
+    """Redo a decoder call (a tiled decode makes one a tile, and one its statistics pass) whose output is not finite
+    in float32, and hand back its result in the decoder's dtype: only the tiles that overflow pay for float32."""
     forward = decoder.forward
 
     def guarded(sample: torch.Tensor, *args, **kwargs) -> torch.Tensor:
