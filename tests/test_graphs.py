@@ -10,8 +10,8 @@ from sdrun.render.tiling import Windows
 
 
 class Plan:
-    def __init__(self, flags=(), max_vram=None):
-        self.flags, self.max_vram = flags, max_vram
+    def __init__(self, flags=(), max_vram=None, unet_resident_gib=None):
+        self.flags, self.max_vram, self.unet_resident_gib = flags, max_vram, unet_resident_gib
 
 
 SMALL = StagePlan("denoise", 512, 512, steps=20)
@@ -25,6 +25,7 @@ def test_a_plain_512_denoise_can_be_recorded():
     (Plan(("fp16", "cpu_offload")), SMALL, Job(prompt="x"), "--cpu-offload moves weights"),
     (Plan(("model_offload",)), SMALL, Job(prompt="x"), "--model-offload moves weights"),
     (Plan(max_vram=4.0), SMALL, Job(prompt="x"), "under --max-vram"),
+    (Plan(max_vram=1.6, unet_resident_gib=1.1), SMALL, Job(prompt="x"), "partial residency streams"),
     (Plan(), StagePlan("denoise", 3840, 2160, steps=20), Job(prompt="x"), "at 3840x2160 the GPU's work"),
     (Plan(), StagePlan("denoise", 512, 512, windows=Windows(64, 96, 64, 16, 2)), Job(prompt="x"), "at 512x512"),
     (Plan(), SMALL, Job(prompt="x", scheduler="euler-a"), "--scheduler euler-a draws new noise"),

@@ -34,6 +34,8 @@ def unavailable(plan, step, job) -> str | None:
     offload = [name for name in OFFLOAD if name in plan.flags]
     if offload:
         return f"--{offload[0].replace('_', '-')} moves weights while each step runs, which a graph cannot record"
+    if plan.unet_resident_gib is not None:
+        return "partial residency streams UNet weights while each step runs, which a graph cannot record"
     if plan.max_vram is not None:
         return "under --max-vram, a graph's memory would stay reserved while the image decodes"
     if step.windows is not None or step.width * step.height > MAX_PIXELS:
