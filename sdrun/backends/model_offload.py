@@ -12,11 +12,12 @@ def apply(pipe, device):
 
 BACKEND = Backend(
     name="model_offload",
-    brief="saves the weights of the models not running; costs one copy of each model per image (figures in "
-    "docs/benchmarks.md)",
+    brief="saves the idle models' weights (SD 1.5 at 512x512: 2.64 -> 1.77 GiB); costs time (2.4 s an image, 1.4 s "
+    "eager without it)",
     help="Keep only the model in use on the GPU (UNet during denoising, VAE while decoding), each copied in from "
     "pinned CPU memory when it runs: the other models' weights are saved, for one copy of each model over PCIe "
-    "per image (figures in docs/benchmarks.md).",
+    "per image. SD 1.5 at 512x512 on an H200: 1.77 GiB at 2.39 s an image, against 2.64 GiB at 1.36 s (eager) "
+    "or 0.65 s (CUDA graphs) without it.",
     apply=apply,
     lowers=("weights",),
     needs_cuda=True,

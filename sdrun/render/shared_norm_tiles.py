@@ -18,13 +18,13 @@ decode stage's fp16 -> fp32 retry of an overflowing call) redoes just that call,
 The statistics of a smaller rendition are an estimate, the same for every tile: where they are off, the whole
 image shifts a little, evenly, instead of tile by tile. Shrinking by nearest keeps the input's distribution of
 values; an area or antialiased shrink smooths it, and the statistics with it (tiny VAE: mean error 6x that of
-nearest). Measured with bench/tiled_vae.py on the CPU (SD 1.5 VAE architecture, random weights conditioned as the
-bench says, float32, 512x512 from 1/f-noise latents, tile 256 overlap 32; error against the untiled decode):
+nearest). Measured with bench/tiled_vae.py on an H200 (SD 1.5 VAE architecture, random weights conditioned as the
+bench says, fp16, 3840x2160, tiles of 512 with 64 overlap; error against the untiled decode; docs/benchmarks.md):
 
-                  CPU s    max    mean   colour  spread   seam
-    untiled        18.3
-    diffusers      30.2   1.14   0.082   0.26    0.41    0.082
-    this module    29.9   0.36   0.026   0.093   0.092   0.028
+                  seconds  peak GiB   max    mean   colour  spread   seam
+    untiled        0.969    18.98
+    diffusers      1.211     0.89    1.67   0.109   0.41    0.70    0.103
+    this module    0.828     1.04    0.77   0.050   0.23    0.22    0.048
 
 (colour: the largest per-channel mean error over a quarter-tile block; spread: the largest minus the smallest of
 them, tiles shifted against each other; seam: the mean error inside the overlaps.)
