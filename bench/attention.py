@@ -18,7 +18,9 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 SHAPES = [(2, 8, 4096, 4096, 40), (2, 8, 1024, 1024, 80), (2, 8, 256, 256, 160), (2, 8, 4096, 77, 40),
-          (2, 8, 1024, 77, 80), (2, 5, 4096, 4096, 64), (2, 8, 16384, 16384, 40), (2, 8, 32400, 32400, 40)]
+          (2, 8, 1024, 77, 80), (2, 5, 4096, 4096, 64), (2, 8, 16384, 16384, 40), (2, 8, 32400, 32400, 40),
+          (2, 8, 9216, 9216, 40), (2, 5, 9216, 9216, 64),  # SD 1.x and 2.x at 768x768
+          (2, 10, 4096, 4096, 64), (2, 20, 1024, 1024, 64), (2, 10, 4096, 77, 64), (2, 20, 1024, 77, 64)]  # SDXL 1024
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
             "cudnn": SDPBackend.CUDNN_ATTENTION}
 

@@ -113,7 +113,8 @@ def test_matches_reference(kernel, nq, nk, d, dtype, variant):
 @pytest.mark.parametrize("b,h,n,nk,d", [(2, 8, 4096, 4096, 40), (2, 8, 4096, 77, 40), (2, 8, 1024, 1024, 80),
                                         (2, 8, 1024, 77, 80), (2, 8, 256, 256, 160), (2, 8, 256, 77, 160),
                                         (2, 5, 4096, 4096, 64), (2, 10, 1024, 77, 64), (1, 2, 16384, 16384, 40),
-                                        (2, 8, 8192, 8192, 40)])  # the last: LongShape on the portable path
+                                        (2, 8, 8192, 8192, 40),  # LongShape on the portable path
+                                        (2, 10, 4096, 4096, 64), (2, 20, 1024, 1024, 64)])  # SDXL at 1024x1024
 @pytest.mark.parametrize("variant", PATHS)
 def test_sd_shapes(kernel, b, h, n, nk, d, dtype, variant):
     torch.manual_seed(n + nk + d)

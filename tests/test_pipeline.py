@@ -109,5 +109,9 @@ def test_black_decode_is_redone(monkeypatch):
 
 
 def test_nan_latents_fail_with_the_fix():
+    half = engine("sd1", torch.float32)
+    half.pipe.unet.to(torch.float16)
     with pytest.raises(stages.RenderFailed, match="without --fp16"):
+        decode(half, torch.full_like(LATENTS, float("nan")))
+    with pytest.raises(stages.RenderFailed, match="broken model weights"):  # fp32: no --fp16 to drop
         decode(engine("sd1", torch.float32), torch.full_like(LATENTS, float("nan")))

@@ -193,8 +193,8 @@ def denoise(engine, job, step: StagePlan, canvas: Canvas) -> Canvas:
             canvas.latents, first_bad = loop(canvas.latents, canvas.cond, timesteps, canvas.scheduler, count_step)
     bad_step = sampling.first_bad_step(first_bad)
     if bad_step is not None:
-        raise RenderFailed(f"the denoiser produced NaN/inf latents at step {bad_step} of {len(canvas.timesteps)} "
-                           "(often fp16 overflow): run again without --fp16")
+        raise RenderFailed(f"the denoiser produced NaN/inf latents at step {bad_step} of {len(canvas.timesteps)}"
+                           + _nan_advice(engine))
     return canvas
 
 
@@ -264,7 +264,7 @@ def decode_latents(engine, latents: torch.Tensor, tiles: tuple[int, int] | None,
     VAEs carry force_upcast too but decode fine in fp16, as diffusers' own SD pipeline does (upcasting them cost
     0.75 GiB at 512x512 and 2.5 GiB at 1024x1024 on an H200). An all-black output is decoded again in fp32."""
     if not torch.isfinite(latents).all():
-        raise RenderFailed("the denoiser produced NaN/inf latents (often fp16 overflow): run again without --fp16")
+        raise RenderFailed("the denoiser produced NaN/inf latents" + _nan_advice(engine))
     vae = engine.pipe.vae
     fp32 = vae.dtype == torch.float16 and engine.family == "sdxl" and bool(getattr(vae.config, "force_upcast", False))
     pixels = _vae_decode(vae, latents, fp32, tiles, notes)
@@ -275,6 +275,13 @@ def decode_latents(engine, latents: torch.Tensor, tiles: tuple[int, int] | None,
             raise RenderFailed("the VAE produced NaN even in float32: the model's VAE weights are likely broken")
     notes.vae_fp32 |= fp32 and vae.dtype != torch.float32
     return pixels
+
+
+def _nan_advice(engine) -> str:
+    """What to do about NaN latents: in half precision they are mostly overflow; in float32, broken weights."""
+    if engine.pipe.unet.dtype == torch.float16:
+        return " (often fp16 overflow): run again without --fp16"
+    return " in float32, which points at broken model weights: check the model file (`sdrun info` shows versions)"
 
 
 def _vae_decode(vae, latents: torch.Tensor, fp32: bool, tiles: tuple[int, int] | None,
