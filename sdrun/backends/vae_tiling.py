@@ -10,7 +10,7 @@ TILE_SIZE, TILE_OVERLAP = 512, 64  # pixels: 64 latents, the SD 1.x VAE's native
 
 BACKEND = Backend(
     name="vae_tiling",
-    brief="saves decode memory at big sizes (SD 1.5 at 4K: 19 -> 1.0 GiB, 0.83 s); changes pixels slightly",
+    brief="saves decode memory at big sizes (SD 1.5 at 4K: 19 -> 1.0 GiB, 0.83 s); costs slightly changed pixels",
     help="Decode and encode in overlapping tiles that share the VAE's normalisation statistics (no colour shift "
     "between tiles): VAE memory stays flat at large sizes (SD 1.5 at 3840x2160 on an H200: 0.83 s at 1.04 GiB, "
     "against 0.97 s at 19 GiB untiled and 1.21 s for diffusers' tiling). Pixels differ slightly from an untiled "
