@@ -340,8 +340,11 @@ def _generate(run_config: RunConfig, jobs, bad_lines, dry_run: bool = False, pre
 @click.option("--set", "changes", multiple=True, metavar="KEY=VALUE",
               help=f"Change one setting ({', '.join(REPLAY_KEYS)}, model); also repairs a bad recorded one.")
 @click.option("-o", "--output", help="Where to write  [default: IMAGE-replay.png beside IMAGE].")
+@click.option("--without", "left_out", multiple=True, metavar="FLAG",
+              help="Leave out a recorded flag (--without xformers: replay a GPU image on the CPU); repeatable. "
+              "The image may differ slightly.")
 @common_options
-def replay(image, changes, output, device, quiet, overwrite, **options):
+def replay(image, changes, output, left_out, device, quiet, overwrite, **options):
     """Make IMAGE again from its sdrun metadata: same model, seed, settings and flags."""
     from sdrun.output import read_metadata
     from sdrun.recorded import parse_changes, read_record
@@ -349,15 +352,48 @@ def replay(image, changes, output, device, quiet, overwrite, **options):
     meta = read_metadata(Path(image))
     recorded = read_record(meta, Path(image), parse_changes(changes))
     given = _run_config(options)
+    dropped = _left_out(left_out, recorded.flags)
+    flags = tuple(name for name in dict.fromkeys(recorded.flags + given.flags) if name not in dropped)
+    kept_options = {name: value for name, value in recorded.backend_options.items()
+                    if not any(name in (o.name for o in backends.BY_NAME[f].options) for f in dropped)}
     target = output or str(Path(image).with_name(Path(image).stem + "-replay.png"))
     run_config = RunConfig(model=recorded.model, config_dir=recorded.config_dir, vae=given.vae or recorded.vae,
-                           device=device, flags=tuple(dict.fromkeys(recorded.flags + given.flags)),
-                           backend_options={**recorded.backend_options, **given.backend_options},
+                           device=device, flags=flags, backend_options={**kept_options, **given.backend_options},
                            max_vram=given.max_vram or recorded.max_vram, cuda_graphs=given.cuda_graphs, output=target,
                            batch_size=recorded.batch_size, overwrite=overwrite, quiet=quiet,
                            adapters=adapters.from_record(meta, Path(image)),
-                           extra={"replayed_from": str(image)})
+                           extra={"replayed_from": str(image)} | ({"left_out_flags": list(dropped)} if dropped else {}))
+    _check_replay_device(image, run_config)
     _generate(run_config, [(None, recorded.job)], [])
+
+
+def _check_replay_device(image: str, run: RunConfig) -> None:
+    """A recorded CUDA-only flag on a machine without CUDA: the fix is --without, which only replay has."""
+    from sdrun.pipeline import resolve_device
+
+    if resolve_device(run.device).type != "cpu":
+        return
+    needing = [backends.BY_NAME[name] for name in run.flags if backends.BY_NAME[name].needs_cuda]
+    if needing:
+        raise UsageError(f"{image} was made with {' '.join(b.flag for b in needing)}, which "
+                         f"need{'s' if len(needing) == 1 else ''} a CUDA GPU, and this replay runs on the CPU: add "
+                         + " ".join(f"--without {b.name.replace('_', '-')}" for b in needing)
+                         + " (the image may differ slightly), or replay where torch sees a GPU")
+
+
+def _left_out(names: tuple[str, ...], recorded: tuple[str, ...]) -> tuple[str, ...]:
+    """replay --without: backend names, each one the image was made with."""
+    dropped = []
+    for name in names:
+        backend = backends.BY_NAME.get(name.removeprefix("--").replace("-", "_"))
+        if backend is None:
+            raise UsageError(f"--without {name}: no such flag; give one of "
+                             + ", ".join(b.name.replace("_", "-") for b in backends.BACKENDS))
+        if backend.name not in recorded:
+            raise UsageError(f"--without {name}: the image was not made with {backend.flag}; its flags are "
+                             + (" ".join(backends.BY_NAME[f].flag for f in recorded) or "none"))
+        dropped.append(backend.name)
+    return tuple(dict.fromkeys(dropped))
 
 
 @cli.command()

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from conftest import TINY, pixels, meta
 from sdrun.render import sampling, stages
@@ -215,6 +215,27 @@ def test_replay_with_a_changed_setting(sdrun):
     assert result.exit_code == 0, result
     changed = meta("changed.png")
     assert (changed["steps"], changed["prompt"], changed["seed"]) == (3, "a wolf", 12)
+
+
+def test_replay_of_a_gpu_image_on_the_cpu_leaves_out_cuda_flags_when_asked(sdrun):
+    assert sdrun("a fox", *TINY, "--seed", "12", "--vae-tiling", "--tile-size", "256", "-o", "orig.png").exit_code == 0
+    record = meta("orig.png") | {"flags": ["fp16", "xformers", "vae_tiling"], "device": "cuda"}  # as a GPU run wrote
+    info = PngImagePlugin.PngInfo()
+    info.add_text("sdrun", json.dumps(record))
+    with Image.open("orig.png") as image:
+        image.save("gpu.png", pnginfo=info)
+    refused = sdrun("replay", "gpu.png", "--device", "cpu")
+    assert refused.exit_code == 2 and "--without fp16 --without xformers" in refused.stderr, refused
+    assert sdrun("replay", "gpu.png", "--device", "cpu", "--without", "vae-slicing").exit_code == 2  # not recorded
+    result = sdrun("replay", "gpu.png", "--device", "cpu", "--without", "--xformers", "--without", "fp16")
+    assert result.exit_code == 0, result
+    replayed = meta("gpu-replay.png")
+    assert replayed["flags"] == ["vae_tiling"] and replayed["left_out_flags"] == ["xformers", "fp16"]
+    assert replayed["backend_options"] == {"tile_size": 256}  # the kept flag keeps its options
+    assert np.array_equal(pixels("orig.png"), pixels("gpu-replay.png"))  # the CPU image it was made from
+    untiled = sdrun("replay", "gpu.png", "--device", "cpu", "--without", "xformers", "--without", "fp16",
+                    "--without", "vae-tiling", "-o", "untiled.png")
+    assert untiled.exit_code == 0 and meta("untiled.png")["backend_options"] == {}  # its options went with it
 
 
 def test_replay_refuses_an_image_without_sdrun_metadata(sdrun):
