@@ -12,6 +12,7 @@ from rich.table import Table
 
 from sdrun import backends, ops
 from sdrun.ops.processor import COVERAGE
+from sdrun.render import graphs
 
 
 # Every environment variable sdrun reads; `sdrun info` shows those that are set (sdrun --help explains them).
@@ -51,6 +52,7 @@ def rows(selftest: bool) -> list[tuple[str, str]]:
     for name in ENVIRONMENT:
         if os.environ.get(name):
             table.append((name, os.environ[name]))
+    table.append(("cuda graphs", graphs.availability(device)))
     for backend in backends.BACKENDS:
         reasons = backend.unavailable_reasons(device)
         table.append((backend.flag, "usable" if not reasons else "unavailable: " + "; ".join(reasons)))

@@ -42,3 +42,10 @@ def test_cuda_graphs_flag_is_accepted_on_the_cpu_and_changes_nothing(sdrun, tmp_
     assert on.exit_code == off.exit_code == 0, (on, off)
     assert "CUDA graphs" not in on.stderr  # graphs are a CUDA matter: a CPU run has nothing to fall back from
     assert (pixels(tmp_path / "on.png") == pixels(tmp_path / "off.png")).all()
+
+
+def test_info_says_why_cuda_graphs_are_unavailable_here(sdrun):
+    result = sdrun("info", "--no-selftest")
+    assert result.exit_code == 0, result
+    line = next(line for line in result.stdout.splitlines() if line.startswith("cuda graphs"))
+    assert "unavailable: no CUDA GPU is visible to torch" in line

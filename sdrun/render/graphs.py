@@ -46,6 +46,14 @@ def unavailable(plan, step, job) -> str | None:
     return None
 
 
+def availability(device: torch.device) -> str:
+    """For `sdrun info`: whether runs here replay their denoise from CUDA graphs, and when not."""
+    if device.type != "cuda":
+        return "unavailable: no CUDA GPU is visible to torch"
+    return (f"on from a size's second image, up to {MAX_PIXELS // 1024}x1024 (not with offload, partial residency, "
+            f"--max-vram or {', '.join(SCHEDULERS_DRAWING_NOISE)}; --no-cuda-graphs turns them off)")
+
+
 def key(x: torch.Tensor, cond: Conditioning, *settings) -> tuple:
     """What a recording depends on: the shapes of its inputs and the settings it bakes in (hashable values)."""
     return (tuple(x.shape), x.dtype, str(x.device), cond.halves,
