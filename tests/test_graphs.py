@@ -2,6 +2,7 @@
 is tested on a GPU (tests/test_gpu_graphs.py)."""
 
 import pytest
+import torch
 
 from sdrun.config import Job
 from sdrun.render import graphs
@@ -49,3 +50,26 @@ def test_info_says_why_cuda_graphs_are_unavailable_here(sdrun):
     assert result.exit_code == 0, result
     line = next(line for line in result.stdout.splitlines() if line.startswith("cuda graphs"))
     assert "unavailable: no CUDA GPU is visible to torch" in line
+
+
+def test_a_key_records_on_its_second_render_and_a_failed_one_is_not_tried_again(monkeypatch):
+    made = []
+
+    def record(self, loop, x, cond, timesteps, scheduler, warm_up):
+        if loop == "fails":
+            raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+        made.append(loop)
+        return f"recording of {loop}"
+
+    monkeypatch.setattr(graphs.Graphs, "_record", record)
+    run = graphs.Graphs(torch.device("cpu"))
+    ask = lambda key, loop=None: run.recording(key, loop or key, None, None, None, None, None)  # noqa: E731
+    assert ask("a") is None  # first render of a key: eager (the warm-up, and a one-image run records nothing)
+    assert ask("a") == "recording of a" and ask("a") == "recording of a" and made == ["a"]  # recorded once
+    assert ask("f", "fails") is None
+    with pytest.raises(graphs.RecordingFailed, match="^operation not permitted when stream is capturing$"):
+        ask("f", "fails")
+    assert ask("f", "fails") is None  # eager from then on, not recorded again
+    for key in ("b", "c"):
+        ask(key), ask(key)
+    assert list(run.recordings) == ["b", "c"]  # KEPT = 2: the least recently used ("a") went

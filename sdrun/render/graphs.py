@@ -99,7 +99,7 @@ class Graphs:
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.stream = torch.cuda.Stream(device)  # warm-up and recording: the same side stream, as CUDA graphs need
+        self.stream = None  # warm-up and recording: the same side stream, as CUDA graphs need (made at the first)
         self.recordings: OrderedDict = OrderedDict()
         self.seen: set = set()
         self.failed: dict = {}
@@ -126,7 +126,6 @@ class Graphs:
         try:
             made = self._record(loop, x, cond, timesteps, copy.deepcopy(scheduler), warm_up)
         except Exception as error:  # a loop that cannot be recorded (a host sync inside): eager from now on
-            torch.cuda.synchronize(self.device)
             reason = next(iter(str(error).strip().splitlines()), type(error).__name__)
             self.failed[recording_key] = reason
             raise RecordingFailed(reason) from error
@@ -137,6 +136,7 @@ class Graphs:
                 warm_up) -> Recording:
         static_x, static_cond = x.clone(), _own_copy(cond)
         static_timesteps = Timesteps(timesteps.host, timesteps.device.clone())
+        self.stream = self.stream or torch.cuda.Stream(self.device)
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
             warm_up(static_x, static_cond, static_timesteps)  # per-stream state (cuBLAS workspace) comes first
@@ -144,8 +144,12 @@ class Graphs:
         torch.cuda.synchronize(self.device)
         reserved = torch.cuda.memory_reserved(self.device)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=self.stream):
-            outputs = loop(static_x, static_cond, static_timesteps, scheduler)
+        try:
+            with torch.cuda.graph(graph, stream=self.stream):
+                outputs = loop(static_x, static_cond, static_timesteps, scheduler)
+        except Exception:
+            torch.cuda.synchronize(self.device)  # the failed recording's work settles before the eager run
+            raise
         pool = max(0, torch.cuda.memory_reserved(self.device) - reserved)
         return Recording(graph, static_x, static_cond, static_timesteps, tuple(outputs), pool)
 
