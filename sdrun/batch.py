@@ -211,6 +211,8 @@ def run_items(run: RunConfig, items: list[Item], bad_lines: list[BadLine], repor
                 for item in chunk:
                     _fail(summary, reporter, _describe(item), message, oom)
                 if oom and engine.device.type == "cuda":
+                    if engine.graphs is not None:
+                        engine.graphs.release()  # a recording's memory pool is not the cache's to empty
                     torch.cuda.empty_cache()
                 continue
             writer.report()  # the previous chunk's files, written while this chunk rendered

@@ -73,3 +73,5 @@ def test_a_key_records_on_its_second_render_and_a_failed_one_is_not_tried_again(
     for key in ("b", "c"):
         ask(key), ask(key)
     assert list(run.recordings) == ["b", "c"]  # KEPT = 2: the least recently used ("a") went
+    run.release()  # after an out-of-memory error: the pools go, and a key met again records again
+    assert not run.recordings and ask("b") == "recording of b" and made == ["a", "b", "c", "b"]

@@ -115,3 +115,27 @@ def test_nan_latents_fail_with_the_fix():
         decode(half, torch.full_like(LATENTS, float("nan")))
     with pytest.raises(stages.RenderFailed, match="broken model weights"):  # fp32: no --fp16 to drop
         decode(engine("sd1", torch.float32), torch.full_like(LATENTS, float("nan")))
+
+
+def test_a_replaced_forward_comes_back_with_the_offload_hook_it_replaced():
+    """The decode's fp32 guard and the chunked feed-forward swap a module's forward for a while: a module that an
+    offload hook wraps (--model-offload hooks the VAE's decoder) keeps its hook afterwards."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    calls = []
+
+    class Counting(ModelHook):
+        def pre_forward(self, module, *args, **kwargs):
+            calls.append(module)
+            return args, kwargs
+
+    layer = torch.nn.Linear(2, 2)
+    add_hook_to_module(layer, Counting())
+    with stages.forward_replaced(layer, lambda x: x * 0):
+        assert (layer(torch.ones(1, 2)) == 0).all() and not calls
+    layer(torch.ones(1, 2))
+    assert calls == [layer]  # the hook runs again
+    plain = torch.nn.Linear(2, 2)
+    with stages.forward_replaced(plain, lambda x: x):
+        pass
+    assert "forward" not in plain.__dict__  # a module without a wrapper is back on its class's forward

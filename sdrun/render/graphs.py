@@ -104,6 +104,11 @@ class Graphs:
         self.seen: set = set()
         self.failed: dict = {}
 
+    def release(self) -> None:
+        """Drop every recording, and with them their memory pools (after an out-of-memory error): keys met again
+        are recorded again."""
+        self.recordings.clear()
+
     @property
     def held_bytes(self) -> int:
         return sum(recording.pool_bytes for recording in self.recordings.values())

@@ -323,11 +323,23 @@ def _upcast_overflowing(decoder, notes: DecodeNotes):
         finally:
             decoder.to(dtype=out.dtype)
 
-    decoder.forward = guarded
+    with forward_replaced(decoder, guarded):
+        yield
+
+
+@contextlib.contextmanager
+def forward_replaced(module, forward):
+    """`module.forward` is `forward` for the block, then what it was: the class's, or the wrapper an offload hook
+    put on the module (accelerate's and diffusers' hooks are such wrappers; deleting ours would delete theirs)."""
+    previous = module.__dict__.get("forward")
+    module.forward = forward
     try:
         yield
     finally:
-        del decoder.forward  # back to the class's forward
+        if previous is None:
+            del module.forward
+        else:
+            module.forward = previous
 
 
 def _latent_scaling(vae, latents: torch.Tensor, to_unet: bool) -> torch.Tensor:
@@ -350,14 +362,10 @@ def chunked_feed_forward(unet, on: bool):
         return
     from diffusers.models.attention import FeedForward
 
-    patched = [m for m in unet.modules() if isinstance(m, FeedForward)]
-    for module in patched:
-        module.forward = _chunked(module.forward)
-    try:
+    with contextlib.ExitStack() as patched:
+        for module in [m for m in unet.modules() if isinstance(m, FeedForward)]:
+            patched.enter_context(forward_replaced(module, _chunked(module.forward)))
         yield
-    finally:
-        for module in patched:
-            del module.forward  # back to the class's forward
 
 
 def _chunked(forward):
