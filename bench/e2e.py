@@ -5,16 +5,18 @@ Models are the full-size architectures (configs/sd1, configs/sdxl) with seeded r
 `build`): speed and memory do not depend on weight values. Every row makes images of one prompt at one size:
 
 - diffusers: `pipe(...)` in this process, fp16, SDPA; a warm-up image, then the best of --repeats.
-- diffusers + torch.compile: the UNet compiled with mode="reduce-overhead" (CUDA graphs inside); the first image
-  carries the compile time, reported as its overhead.
-- sdrun in-process: `render()` of the loaded engine, images 3.. of a run (the CUDA graph is recorded on image 2).
+- with --compile, diffusers and sdrun in-process again with the UNet compiled (whole, mode="reduce-overhead",
+  CUDA graphs inside; and regional, `compile_repeated_blocks`); the first image carries the compile time,
+  reported as its overhead.
+- sdrun in-process: `render()` of the loaded engine, the best of images 2.. (the CUDA graph is recorded on image
+  2 and replayed after); the first image's excess over it is the overhead.
 - sdrun CLI: `python -m sdrun run ... -n N --json` in a subprocess: per-image `seconds` of images 3..N (the best
   and the median), the first-image overhead (process start to the first image's line, less one steady image:
   imports, loading, warm-up) and the peak GiB the JSON line reports.
 
     python bench/e2e.py                       # SD 1.5 512x512 50 steps, 1024x1024 20 steps, SDXL 1024x1024 30 steps
-    python bench/e2e.py --cases sd1-512 --compile   # one case, with the torch.compile peer
-    python bench/e2e.py --family-size tiny --quick  # the script's plumbing on any machine (tiny model, 64x64)
+    python bench/e2e.py --cases sd1-512 --compile   # one case, with the torch.compile rows
+    python bench/e2e.py --cases tiny-64 --images 3  # the script's plumbing on any machine (tiny model, 64x64)
 """
 
 import argparse
@@ -60,22 +62,28 @@ def peak_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else float("nan")
 
 
+COMPILES = {  # --compile: how the UNet is compiled, for diffusers' rows and sdrun's
+    "whole UNet, reduce-overhead": lambda unet: torch.compile(unet, mode="reduce-overhead", fullgraph=True),
+    "regional (compile_repeated_blocks)": lambda unet: unet.compile_repeated_blocks(fullgraph=True) or unet,
+}
+
+
 def diffusers_rows(folder: Path, family: str, size: int, steps: int, repeats: int, compile_too: bool):
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float16 if DEVICE == "cuda" else None)
-    pipe.to(DEVICE).set_progress_bar_config(disable=True)
-    generator = torch.Generator("cpu")
+    for name, compiled in [("eager", None)] + (list(COMPILES.items()) if compile_too else []):
+        pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float16 if DEVICE == "cuda" else None)
+        pipe.to(DEVICE).set_progress_bar_config(disable=True)
+        if compiled is not None:
+            pipe.unet = compiled(pipe.unet)
+        generator = torch.Generator("cpu")
 
-    def make():
-        pipe(PROMPT, num_inference_steps=steps, width=size, height=size, generator=generator.manual_seed(0))
+        def make():
+            pipe(PROMPT, num_inference_steps=steps, width=size, height=size, generator=generator.manual_seed(0))
 
-    yield "diffusers fp16 (SDPA), eager", *timed(make, repeats)
-    if compile_too:
-        pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead", fullgraph=True)
-        yield "diffusers + torch.compile(reduce-overhead)", *timed(make, repeats)
-    del pipe
-    release()
+        yield f"diffusers fp16 (SDPA), {name}", *timed(make, repeats)
+        del pipe, make
+        release()
 
 
 def timed(make, repeats: int):
@@ -95,15 +103,18 @@ def timed(make, repeats: int):
     return best, first - best, peak_gib()
 
 
-def sdrun_in_process(folder: Path, size: int, steps: int, repeats: int, flags: tuple[str, ...]):
+def sdrun_in_process(folder: Path, size: int, steps: int, repeats: int, flags: tuple[str, ...], compiled=None):
     run = RunConfig(model=str(folder), flags=flags)
     job = Job(prompt=PROMPT, steps=steps, width=size, height=size, seed=0)
     planned = pipeline.plan_run(run, [job])
     engine = pipeline.load(planned.run, Reporter(quiet=True), planned.setup)
     planned.refit(engine)
+    if compiled is not None:  # a trial of compiling under sdrun's own loop (and its CUDA graph), for --compile
+        engine.pipe.unet = compiled(engine.pipe.unet)
     plan = planned[job]
-    render(engine, plan, job, [0])  # eager, the warm-up
-    result = timed(lambda: render(engine, plan, job, [0]), repeats)  # recorded on the first of these, replayed
+    # the first image runs eagerly (and compiles, if asked); the CUDA graph is recorded on the second, replayed after:
+    # with repeats >= 2 the best is a replay
+    result = timed(lambda: render(engine, plan, job, [0]), max(2, repeats))
     del engine
     release()
     return result
@@ -143,7 +154,8 @@ def main() -> None:
     parser.add_argument("--cases", default="sd1-512,sd1-1024,sdxl-1024", help=f"comma-separated, of {list(CASES)}")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--images", type=int, default=5, help="images per CLI run (the first two are not steady)")
-    parser.add_argument("--compile", action="store_true", help="add the diffusers + torch.compile row (minutes)")
+    parser.add_argument("--compile", action="store_true",
+                        help="add rows with the UNet compiled (COMPILES), for diffusers and sdrun in-process (minutes)")
     parser.add_argument("--rows", default="diffusers,in-process,cli", help="which of diffusers,in-process,cli")
     parser.add_argument("--quick", action="store_true", help="4 steps, to check the script itself")
     args = parser.parse_args()
@@ -168,17 +180,19 @@ def main() -> None:
         rows = args.rows.split(",")
         try:
             for label, seconds, overhead, peak in [] if "diffusers" not in rows else diffusers_rows(folder, family, size, steps, args.repeats,
-                                                                 args.compile and family != "tiny"):
+                                                                 args.compile):
                 row(label, seconds, overhead, peak)
         except Exception as error:  # a row that cannot run here says why; the table goes on
             print(f"| {case} | diffusers | failed: {str(error).splitlines()[0][:150]} | | | |", flush=True)
         flags = ("fp16", "xformers") if DEVICE == "cuda" else ()
-        try:
-            if "in-process" in rows:
-                row("sdrun in-process " + " ".join("--" + f for f in flags),
-                    *sdrun_in_process(folder, size, steps, args.repeats, flags))
-        except Exception as error:
-            print(f"| {case} | sdrun in-process | failed: {str(error).splitlines()[0][:150]} | | | |", flush=True)
+        trials = [("", None)] + ([(f", UNet compiled: {name}", compiled) for name, compiled in COMPILES.items()]
+                                 if args.compile else [])
+        for trial, compiled in trials if "in-process" in rows else ():
+            label = "sdrun in-process " + " ".join("--" + f for f in flags) + trial
+            try:
+                row(label, *sdrun_in_process(folder, size, steps, args.repeats, flags, compiled))
+            except Exception as error:
+                print(f"| {case} | {label} | failed: {str(error).splitlines()[0][:150]} | | | |", flush=True)
         for cli_flags in () if "cli" not in rows else CLI_FLAGS if DEVICE == "cuda" else ((),):
             try:
                 best, median, overhead, peak, notes = sdrun_cli(folder, size, steps, args.images, cli_flags)
