@@ -125,7 +125,8 @@ def cli():
     Environment:
       SDRUN_MODEL           default for --model
       SDRUN_DEBUG=1         full tracebacks; verbose kernel build
-      SDRUN_CACHE           where the compiled attention kernel and file hashes are cached (~/.cache/sdrun)
+      SDRUN_CACHE           where the compiled attention kernel, file hashes and (for read-only installs)
+                            Python bytecode are cached (~/.cache/sdrun)
       SDRUN_SKIP_CUDA_BUILD=1, SDRUN_CUDA_ARCHS, NVCC_THREADS   ahead-of-time kernel build (setup.py)
 
     Exit codes: 0 done, 1 could not start (or the disk filled up), 2 usage, 3 some items failed, 4 out of GPU

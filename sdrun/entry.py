@@ -8,12 +8,14 @@ inside some library's import, nor a silent death by signal (exit 143). So this m
 import os
 import signal
 
+from sdrun import cache
 from sdrun.errors import EXIT_INTERRUPTED
 
 
 def main() -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _leave_at_once)
+    cache.keep_bytecode_of_read_only_installs()
     from sdrun.cli import cli
 
     cli.main()

@@ -11,12 +11,13 @@ import json
 import os
 from pathlib import Path
 
+from sdrun import cache
+
 BLOCK = 1 << 20
 
 
 def cache_file() -> Path:
-    base = Path(os.environ["SDRUN_CACHE"]) if os.environ.get("SDRUN_CACHE") else Path.home() / ".cache" / "sdrun"
-    return base / "hashes.json"
+    return cache.root() / "hashes.json"
 
 
 def file_hash(path: str | Path) -> str:

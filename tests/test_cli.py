@@ -320,3 +320,30 @@ def test_bench_measures_plain_diffusers_and_each_usable_flag(sdrun):
     rows = {line.split("  ")[0].strip(): line for line in result.stdout.splitlines()[2:]}
     assert {"diffusers fp32", "sdrun (no flags)", "sdrun --channels-last", "sdrun --vae-tiling"} <= set(rows)
     assert all(float(line.split()[-2]) > 0 for line in rows.values())
+
+
+@pytest.mark.parametrize("case", ["read-only", "compiled", "writable", "no-bytecode"])
+def test_bytecode_of_a_read_only_torch_install_goes_to_sdruns_cache(monkeypatch, tmp_path, case):
+    """A torch whose __pycache__ cannot be written (and holds no bytecode) would be compiled from source in every
+    process: sdrun points Python's bytecode at its cache then, and only then."""
+    import importlib.machinery
+    import importlib.util
+
+    from sdrun import cache
+
+    source = tmp_path / "site" / "torch" / "__init__.py"
+    source.parent.mkdir(parents=True)
+    source.write_text("")
+    if case == "compiled":
+        compiled = Path(importlib.util.cache_from_source(str(source)))
+        compiled.parent.mkdir()
+        compiled.write_bytes(b"")
+    spec = importlib.machinery.ModuleSpec("torch", None, origin=str(source))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: spec if name == "torch" else None)
+    monkeypatch.setattr(cache.os, "access", lambda path, mode: case == "writable")
+    monkeypatch.setattr(sys, "pycache_prefix", None)
+    monkeypatch.setattr(sys, "dont_write_bytecode", case == "no-bytecode")
+    monkeypatch.setenv("SDRUN_CACHE", str(tmp_path / "cache"))
+    cache.keep_bytecode_of_read_only_installs()
+    expected = str(tmp_path / "cache" / "pycache") if case == "read-only" else None
+    assert sys.pycache_prefix == expected

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from sdrun import cache
 from sdrun.errors import KernelUnavailable
 
 JIT_NAME = "sdrun_attn_C"
@@ -73,7 +74,7 @@ def arch_of(device: torch.device | None = None) -> str:
 
 
 def cache_dir(arch: str) -> Path:
-    base = Path(os.environ["SDRUN_CACHE"]) if os.environ.get("SDRUN_CACHE") else Path.home() / ".cache" / "sdrun"
+    base = cache.root()
     tune = "-tune" if os.environ.get("SDRUN_TUNE") == "1" else ""
     key = re.sub(r"[^A-Za-z0-9._-]", "_", f"torch{torch.__version__}-cu{torch.version.cuda}-sm{arch}{tune}")
     return base / "kernels" / key
