@@ -15,12 +15,21 @@ pytestmark = pytest.mark.cuda
 GRAPHED = ("--steps", "6", "-W", "128", "-H", "128")
 
 
-def run(sdrun, folder, *args):
-    result = sdrun("a lighthouse at dusk", *TINY, *GRAPHED, "-n", "3", "--seed", "5", "-o", f"{folder}/", *args)
+def run(sdrun, folder, *args, images=3, model=TINY):
+    result = sdrun("a lighthouse at dusk", *model, *GRAPHED, "-n", images, "--seed", "5", "-o", f"{folder}/", *args)
     assert result.exit_code == 0, result
-    images = sorted(Path(folder).glob("*.png"))
-    assert len(images) == 3
-    return images, result
+    made = sorted(Path(folder).glob("*.png"))
+    assert len(made) == images
+    return made, result
+
+
+def assert_replays_match_eager(sdrun, *args, images=3, model=TINY, tolerance=1 / 255):
+    graphed, _ = run(sdrun, "graphed", *args, images=images, model=model)
+    eager, _ = run(sdrun, "eager", "--no-cuda-graphs", *args, images=images, model=model)
+    assert any(meta(p)["render"]["cuda_graph"] for p in graphed)
+    for mine, theirs in zip(graphed, eager):
+        assert np.abs(pixels(mine) - pixels(theirs)).max() <= tolerance, mine.name
+    return graphed
 
 
 @pytest.mark.parametrize("precision", [(), ("--fp16",)])
@@ -61,3 +70,25 @@ def test_every_scheduler_records_or_says_why(sdrun, scheduler):
         assert "CUDA graphs off for this denoise" in result.stderr
     for mine, theirs in zip(graphed, eager):
         assert np.abs(pixels(mine) - pixels(theirs)).max() <= 1 / 255
+
+
+def test_sdxl_replays_match_eager(sdrun, tmp_path):
+    """SDXL's added conditioning (pooled text, size ids) is a recording input too."""
+    from sd_layout import tiny_sdxl
+
+    tiny_sdxl().save_pretrained(tmp_path / "sdxl")
+    assert_replays_match_eager(sdrun, model=("--model", str(tmp_path / "sdxl"), "--steps", "2"))
+
+
+def test_img2img_replays_match_eager(sdrun, tmp_path):
+    """From a strength below 1: a schedule that starts part-way, and latents made from an image."""
+    from PIL import Image
+
+    Image.effect_noise((128, 128), 60).convert("RGB").save(tmp_path / "init.png")
+    assert_replays_match_eager(sdrun, "--init-image", str(tmp_path / "init.png"), "--strength", "0.6")
+
+
+def test_a_smaller_last_chunk_records_its_own_graph(sdrun):
+    """--batch-size 2 with 5 images: chunks of 2, 2 and 1; the batch of 2 replays, the batch of 1 runs eagerly."""
+    graphed = assert_replays_match_eager(sdrun, "--batch-size", "2", images=5)
+    assert [meta(p)["render"]["cuda_graph"] for p in graphed] == [False, False, True, True, False]
