@@ -31,10 +31,10 @@ CLIP_PREFIXES = ("cond_stage_model.transformer.", "conditioner.embedders.0.trans
 COMPONENT_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.embedders.")
 
 
-def read_state_dict(path: Path, dtype: torch.dtype,
+def read_state_dict(path: Path, dtype: torch.dtype | None,
                     prefixes: tuple[str, ...] = COMPONENT_PREFIXES) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors under `prefixes` (by default its UNet, VAE and text encoders: COMPONENT_PREFIXES),
-    floating-point ones in `dtype`.
+    floating-point ones in `dtype` (None: as stored).
     CLIP text encoder keys get the `text_model.` level they lack when written from transformers 5, whose
     CLIPTextModel has no such level (diffusers' own conversion script writes them so). Raises ModelError for
     files that cannot be read."""

@@ -240,9 +240,10 @@ def file_family(source: ModelSource) -> str:
             with safe_open(source.path, framework="pt") as file:
                 shapes = {key: tuple(file.get_slice(key).get_shape()) for key in file.keys()}
         except (SafetensorError, OSError):
-            shapes = checkpoint.read_state_dict(source.path, torch.float16)  # raises the one-line error
+            shapes = checkpoint.read_state_dict(source.path, None)  # raises the one-line error
     else:
-        shapes = checkpoint.read_state_dict(source.path, torch.float16)
+        # as stored: a zip checkpoint is memory-mapped, so only its shapes are read here, not (cast) its tensors
+        shapes = checkpoint.read_state_dict(source.path, None)
     return detect_family(shapes, source.path)
 
 
