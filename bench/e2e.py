@@ -21,7 +21,6 @@ Models are the full-size architectures (configs/sd1, configs/sdxl) with seeded r
 
 import argparse
 import datetime
-import gc
 import json
 import os
 import statistics
@@ -37,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import diffusers  # noqa: E402
-from flags import DEVICE, PROMPT, build  # noqa: E402
+from flags import DEVICE, PROMPT, build, release, timed  # noqa: E402
 
 from sdrun import pipeline  # noqa: E402
 from sdrun.config import Job, RunConfig  # noqa: E402
@@ -51,15 +50,6 @@ CASES = {  # name: (family, size, steps, goal)
     "tiny-64": ("tiny", 64, 4, "plumbing only"),
 }
 CLI_FLAGS = (("--fp16", "--xformers"), ("--fp16",), ("--fp16", "--xformers", "--no-cuda-graphs"))
-
-
-def sync() -> None:
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-
-
-def peak_gib() -> float:
-    return torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else float("nan")
 
 
 COMPILES = {  # --compile: how the UNet is compiled, for diffusers' rows and sdrun's
@@ -84,23 +74,6 @@ def diffusers_rows(folder: Path, family: str, size: int, steps: int, repeats: in
         yield f"diffusers fp16 (SDPA), {name}", *timed(make, repeats)
         del pipe, make
         release()
-
-
-def timed(make, repeats: int):
-    """(best seconds per image, first-image overhead in seconds, peak GiB)."""
-    if DEVICE == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    make()
-    sync()
-    first = time.perf_counter() - start
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        make()
-        sync()
-        best = min(best, time.perf_counter() - start)
-    return best, first - best, peak_gib()
 
 
 def sdrun_in_process(folder: Path, size: int, steps: int, repeats: int, flags: tuple[str, ...], compiled=None):
@@ -141,12 +114,6 @@ def sdrun_cli(folder: Path, size: int, steps: int, images: int, flags: tuple[str
     notes = [line for line in stderr.splitlines() if line.startswith("sdrun:")]
     peak = records[-1]["peak_gpu_memory_gb"]
     return min(steady), statistics.median(steady), arrivals[0] - min(steady), float("nan") if peak is None else peak, notes
-
-
-def release() -> None:
-    gc.collect()
-    if DEVICE == "cuda":
-        torch.cuda.empty_cache()
 
 
 def main() -> None:

@@ -92,9 +92,13 @@ def build(family: str, folder: Path) -> None:
     pipe.to(torch.float16 if DEVICE == "cuda" else torch.float32).save_pretrained(folder)
 
 
-def measure(make_image, repeats: int) -> tuple[float, float]:
-    make_image()  # warm-up: cuDNN autotuning, allocator growth, kernel loading
+def timed(make_image, repeats: int) -> tuple[float, float, float]:
+    """(best seconds of `repeats` images, the first image's excess over it, peak GiB over the timed images). The
+    first image is the warm-up: cuDNN autotuning, allocator growth, kernel loading (and compiling, if any)."""
+    start = time.perf_counter()
+    make_image()
     sync()
+    first = time.perf_counter() - start
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
     best = float("inf")
@@ -103,7 +107,20 @@ def measure(make_image, repeats: int) -> tuple[float, float]:
         make_image()
         sync()
         best = min(best, time.perf_counter() - start)
-    return best, (torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else float("nan"))
+    return best, first - best, (torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else float("nan"))
+
+
+def measure(make_image, repeats: int) -> tuple[float, float]:
+    """(best seconds, peak GiB): `timed` without the warm-up's excess."""
+    best, _first, peak = timed(make_image, repeats)
+    return best, peak
+
+
+def release() -> None:
+    """Give back what the last row held, before the next row measures its peak."""
+    gc.collect()
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
 
 
 def sync() -> None:
@@ -170,9 +187,7 @@ def main() -> None:
             print(f"| {size}x{size} | {label} | {seconds:.3f} | {steps / seconds:.1f} | {peak:.2f} |", flush=True)
         except Exception as error:  # a row that cannot run here says why; the table goes on
             print(f"| {size}x{size} | {label} | failed: {str(error).splitlines()[0][:120]} | | |", flush=True)
-        gc.collect()
-        if DEVICE == "cuda":
-            torch.cuda.empty_cache()
+        release()
 
 
 if __name__ == "__main__":

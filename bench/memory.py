@@ -26,12 +26,10 @@ Offload rows run fewer steps (--offload-steps) to keep the run short; compare th
 
 import argparse
 import datetime
-import gc
 import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -42,7 +40,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import diffusers  # noqa: E402
 from diffusers import DiffusionPipeline  # noqa: E402
-from flags import build  # noqa: E402
+from flags import build, release, timed  # noqa: E402
 
 from sdrun import offload  # noqa: E402
 from sdrun.fp8_storage import store_in_fp8  # noqa: E402
@@ -82,17 +80,8 @@ def diffusers_row(folder: Path, prepare, size: int, steps: int, repeats: int) ->
     def make():
         pipe(PROMPT, num_inference_steps=steps, width=size, height=size, generator=generator.manual_seed(0))
 
-    make()
-    sync()
-    if CUDA:
-        torch.cuda.reset_peak_memory_stats()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        make()
-        sync()
-        best = min(best, time.perf_counter() - start)
-    return best, torch.cuda.max_memory_allocated() / 2**30 if CUDA else None
+    best, _first, peak = timed(make, repeats)
+    return best, peak if CUDA else None
 
 
 def resident(pipe) -> None:
@@ -130,7 +119,7 @@ def latents_errors(folder: Path, size: int, steps: int) -> dict[str, float]:
         out = pipe(PROMPT, num_inference_steps=steps, width=size, height=size, output_type="latent",
                    generator=torch.Generator("cpu").manual_seed(0)).images.float().cpu()
         del pipe
-        free()
+        release()
         return out
 
     reference = latents(lambda unet: None)
@@ -138,17 +127,6 @@ def latents_errors(folder: Path, size: int, steps: int) -> dict[str, float]:
     theirs = latents(lambda unet: unet.enable_layerwise_casting(storage_dtype=FP8, compute_dtype=DTYPE))
     return {name: ((out - reference).norm() / reference.norm()).item()
             for name, out in (("sdrun --fp8", ours), ("diffusers layerwise casting", theirs))}
-
-
-def sync() -> None:
-    if CUDA:
-        torch.cuda.synchronize()
-
-
-def free() -> None:
-    gc.collect()
-    if CUDA:
-        torch.cuda.empty_cache()
 
 
 def table(title: str, rows: list) -> None:
@@ -162,7 +140,7 @@ def table(title: str, rows: list) -> None:
         except Exception as error:  # noqa: BLE001 - a bench row reports any failure and the table goes on
             print(f"| {label} | {steps} | failed: {str(error).splitlines()[0][:160] if str(error) else error!r} "
                   "| | |", flush=True)
-        free()
+        release()
 
 
 def rows_for(folder: Path, size: int, steps: int, offload_steps: int, repeats: int, sdrun_rows, diffusers_rows,
@@ -230,7 +208,7 @@ def model_folder(family: str) -> Path:
     folder = Path(f"/tmp/sdrun-bench-{family}")
     if not (folder / "model_index.json").is_file():
         build(family, folder)
-        free()
+        release()
     return folder
 
 
@@ -242,7 +220,7 @@ def quality(folder: Path, size: int, steps: int) -> None:
               flush=True)
     except Exception as error:  # noqa: BLE001 - reported, the benchmark goes on
         print(f"\nfp8 quality: failed: {str(error).splitlines()[0][:160]}", flush=True)
-    free()
+    release()
 
 
 if __name__ == "__main__":
