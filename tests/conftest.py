@@ -5,6 +5,8 @@ Markers: `cuda` tests need a CUDA GPU and are skipped without one; `slow` tests 
 
 import json
 import os
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -76,6 +78,29 @@ def sdrun():
 
 
 TINY = ("--model", "tiny", "--steps", "2")
+
+
+def _bench_model(tmp_path_factory, family: str) -> Path:
+    """bench/flags.py's random-weight model of the full-size `family` architecture, saved as a diffusers folder
+    (for the GPU tests: memory and speed do not depend on weight values)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from flags import build
+
+    folder = tmp_path_factory.mktemp(family)
+    build(family, folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def sd15_folder(tmp_path_factory) -> Path:
+    """The SD 1.5 architecture with random weights, built once a session."""
+    return _bench_model(tmp_path_factory, "sd1")
+
+
+@pytest.fixture(scope="session")
+def full_sdxl_folder(tmp_path_factory) -> Path:
+    """The SDXL architecture with random weights, built once a session."""
+    return _bench_model(tmp_path_factory, "sdxl")
 
 
 def pixels(path) -> np.ndarray:

@@ -6,29 +6,16 @@ docs/benchmarks.md (bench/memory.py)."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 pytestmark = [pytest.mark.cuda, pytest.mark.slow]
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
 
-
-@pytest.fixture(scope="module")
-def sdxl_folder(tmp_path_factory):
-    sys.path.insert(0, str(BENCH))
-    from flags import build  # the benchmarks' random-weight SDXL, saved as a diffusers folder
-
-    folder = tmp_path_factory.mktemp("sdxl")
-    build("sdxl", folder)
-    return folder
-
-
-def test_sdxl_at_1024_under_max_vram_8_stays_under_8_gib(sdxl_folder, tmp_path):
-    command = [sys.executable, "-m", "sdrun", "a valley", "--model", str(sdxl_folder), "--steps", "4", "--seed", "1",
-               "-W", "1024", "-H", "1024", "--max-vram", "8", "--json", "-o", str(tmp_path / "xl.png")]
+def test_sdxl_at_1024_under_max_vram_8_stays_under_8_gib(full_sdxl_folder, tmp_path):
+    command = [sys.executable, "-m", "sdrun", "a valley", "--model", str(full_sdxl_folder), "--steps", "4",
+               "--seed", "1", "-W", "1024", "-H", "1024", "--max-vram", "8", "--json", "-o", str(tmp_path / "xl.png")]
     done = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr
     record = json.loads(done.stdout.strip().splitlines()[-1])

@@ -15,16 +15,6 @@ from PIL import Image
 pytestmark = [pytest.mark.cuda, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def sd15_folder(tmp_path_factory):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    from flags import build  # the benchmarks' random-weight SD 1.5, saved as a diffusers folder
-
-    folder = tmp_path_factory.mktemp("sd15")
-    build("sd1", folder)
-    return folder
-
-
 def run(folder: Path, out: Path, *flags) -> tuple[dict, np.ndarray]:
     command = [sys.executable, "-m", "sdrun", "a valley", "--model", str(folder), "--steps", "4", "--seed", "1",
                "--json", "-o", str(out), *flags]

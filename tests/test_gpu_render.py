@@ -5,7 +5,6 @@ every stage is within 15% of the measured one. The model is the SD 1.5 architect
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -17,16 +16,6 @@ RENDERS = {
     "tiled": ("-W", "3840", "-H", "2176", "--tiled-diffusion", "--vae-tiling", "--max-vram", "8"),
     "hires": ("--hires", "3840x2160", "--max-vram", "4"),
 }
-
-
-@pytest.fixture(scope="module")
-def sd15_folder(tmp_path_factory):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    from flags import build  # the benchmarks' random-weight SD 1.5, saved as a diffusers folder
-
-    folder = tmp_path_factory.mktemp("sd15")
-    build("sd1", folder)
-    return folder
 
 
 @pytest.mark.parametrize("name", sorted(RENDERS))
