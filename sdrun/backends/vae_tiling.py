@@ -1,6 +1,6 @@
 """--vae-tiling: decode (and encode) in overlapping tiles sharing GroupNorm statistics, blended at their overlaps.
 
-The decode and encode stages do the tiling (render/vae_tiles.py) with the plan's tile size, so nothing is set on the
+The decode and encode stages do the tiling (render/shared_norm_tiles.py) with the plan's tile size, so nothing is set on the
 pipeline here: the backend carries the options and the memory effect the planner reads.
 """
 

@@ -16,7 +16,7 @@ from diffusers.utils.torch_utils import get_module_execution_device, randn_tenso
 
 from sdrun import adapters, ip_adapter
 from sdrun.errors import OutOfMemory, SdrunError
-from sdrun.render import graphs, images, prompts, sampling, vae_tiles
+from sdrun.render import graphs, images, prompts, sampling, shared_norm_tiles
 from sdrun.render.plan import RenderPlan, StagePlan
 from sdrun.render.tiling import tiled
 from sdrun.schedulers import make_scheduler
@@ -119,7 +119,7 @@ def encode_image(engine, job, step: StagePlan, canvas: Canvas) -> Canvas:
     pixels = canvas.pixels.to(get_module_execution_device(vae), vae.dtype)
     with torch.no_grad():
         if step.tiled:
-            parameters = vae_tiles.encode(vae, pixels, canvas.plan.vae_tile, canvas.plan.vae_overlap)
+            parameters = shared_norm_tiles.encode(vae, pixels, canvas.plan.vae_tile, canvas.plan.vae_overlap)
         else:
             parameters = vae.encode(pixels).latent_dist.parameters
     mean = parameters[:, : parameters.shape[1] // 2].float()
@@ -296,7 +296,7 @@ def _vae_decode(vae, latents: torch.Tensor, fp32: bool, tiles: tuple[int, int] |
         guard = _upcast_overflowing(vae.decoder, notes) if vae.dtype != torch.float32 else contextlib.nullcontext()
         with torch.no_grad(), guard:
             if tiles is not None:
-                return vae_tiles.decode(vae, scaled, *tiles)
+                return shared_norm_tiles.decode(vae, scaled, *tiles)
             return vae.decode(scaled, return_dict=False)[0]
     finally:
         if fp32:
