@@ -75,3 +75,13 @@ def test_a_key_records_on_its_second_render_and_a_failed_one_is_not_tried_again(
     assert list(run.recordings) == ["b", "c"]  # KEPT = 2: the least recently used ("a") went
     run.release()  # after an out-of-memory error: the pools go, and a key met again records again
     assert not run.recordings and ask("b") == "recording of b" and made == ["a", "b", "c", "b"]
+
+
+def test_a_recordings_conditioning_is_a_copy_of_its_own_added_tensors_included():
+    from sdrun.render.sampling import Conditioning
+
+    cond = Conditioning(torch.randn(2, 3, 4), {"text_embeds": torch.randn(2, 5), "image_embeds": [torch.randn(2, 1, 6)]})
+    own = cond.map(torch.clone)
+    pairs = list(zip(graphs._tensors(own), graphs._tensors(cond)))
+    assert len(pairs) == 3 and own.halves == cond.halves
+    assert all(torch.equal(a, b) and a.data_ptr() != b.data_ptr() for a, b in pairs)

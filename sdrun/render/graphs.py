@@ -66,14 +66,6 @@ def _tensors(cond: Conditioning) -> list[torch.Tensor]:
     return [cond.embeds] + [t for value in added for t in (value if isinstance(value, list) else [value])]
 
 
-def _own_copy(cond: Conditioning) -> Conditioning:
-    clone = lambda t: t.clone()  # noqa: E731
-    added = None if not cond.added else {
-        name: [clone(t) for t in value] if isinstance(value, list) else clone(value)
-        for name, value in cond.added.items()}
-    return Conditioning(cond.embeds.clone(), added, cond.halves)
-
-
 @dataclass
 class Recording:
     """A recorded denoise. It reads only tensors it owns (a chunk's inputs are copied into them): a tensor of the
@@ -139,7 +131,7 @@ class Graphs:
 
     def _record(self, loop, x: torch.Tensor, cond: Conditioning, timesteps: Timesteps, scheduler,
                 warm_up) -> Recording:
-        static_x, static_cond = x.clone(), _own_copy(cond)
+        static_x, static_cond = x.clone(), cond.map(torch.clone)
         static_timesteps = Timesteps(timesteps.host, timesteps.device.clone())
         self.stream = self.stream or torch.cuda.Stream(self.device)
         self.stream.wait_stream(torch.cuda.current_stream(self.device))

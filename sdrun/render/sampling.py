@@ -29,6 +29,10 @@ class Conditioning:
     # with an IP-Adapter also "image_embeds": a list of tensors, one per adapter, same layout
     halves: int = 2  # 2 with classifier-free guidance (uncond, cond), 1 without
 
+    def map(self, fn) -> "Conditioning":
+        """`fn` over every tensor, the added ones too: `cond.map(torch.clone)` is a copy of its own."""
+        return Conditioning(fn(self.embeds), _map_added(fn, self.added), self.halves)
+
     def half(self, index: int) -> "Conditioning":
         """The unconditional (0) or conditional (1) half alone."""
         pick = lambda t: t.chunk(self.halves)[index]  # noqa: E731
