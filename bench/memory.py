@@ -21,6 +21,7 @@ Offload rows run fewer steps (--offload-steps) to keep the run short; compare th
     python bench/memory.py --sdxl-only         # process: import, load, 3 images); SDXL, about 4-5 minutes
     python bench/memory.py                     # both, one after the other
     python bench/memory.py --quick             # fewer steps, one timed image: the script itself
+    python bench/memory.py --only 'diffusers float16,sdrun --fp16 --fp8'   # just these rows (both tables)
     python bench/memory.py --family tiny --xl-family tiny --size 64 --xl-size 64 --quick   # plumbing, any machine
 """
 
@@ -129,10 +130,13 @@ def latents_errors(folder: Path, size: int, steps: int) -> dict[str, float]:
             for name, out in (("sdrun --fp8", ours), ("diffusers layerwise casting", theirs))}
 
 
-def table(title: str, rows: list) -> None:
-    """rows: (label, steps, measure(steps) -> (seconds, peak)); a row that fails says why and the table goes on."""
+def table(title: str, rows: list, only: set[str] | None) -> None:
+    """rows: (label, steps, measure(steps) -> (seconds, peak)); a row that fails says why and the table goes on.
+    `only`: the labels to run (None: all)."""
     print(f"\n## {title}\n| configuration | steps | s / image | it/s | peak GiB |\n|---|---|---|---|---|", flush=True)
     for label, steps, measure in rows:
+        if only is not None and label not in only:
+            continue
         try:
             seconds, peak = measure(steps)
             peak_text = f"{peak:.2f}" if peak is not None else "-"
@@ -170,7 +174,10 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--xl-size", type=int, default=1024)
     parser.add_argument("--offload-steps", type=int, default=10, help="steps of the offload rows")
+    parser.add_argument("--only", help="comma-separated row labels to run, as the tables print them (e.g. "
+                        "'diffusers float16,sdrun --fp16,sdrun --fp16 --fp8'); 'quality' for the fp8 error lines")
     args = parser.parse_args()
+    only = set(args.only.split(",")) if args.only else None
     repeats = 1 if args.quick else 2
     sd_steps, xl_steps, offload_steps = (5, 5, 3) if args.quick else (50, 30, args.offload_steps)
     device_name = torch.cuda.get_device_name() if CUDA else "CPU"
@@ -190,8 +197,9 @@ def main() -> None:
             # hooks, without streams)
             sdrun_rows, diffusers_rows = sdrun_rows[:2], diffusers_rows[:2]
         table(f"{args.family} {size}x{size}",
-              rows_for(folder, size, sd_steps, offload_steps, repeats, sdrun_rows, diffusers_rows, True))
-        quality(folder, size, sd_steps)
+              rows_for(folder, size, sd_steps, offload_steps, repeats, sdrun_rows, diffusers_rows, True), only)
+        if only is None or "quality" in only:
+            quality(folder, size, sd_steps)
     if not args.sd15_only:
         folder = model_folder(args.xl_family)
         size = args.xl_size
@@ -200,8 +208,9 @@ def main() -> None:
             sdrun_rows += [(fp16 + ["--max-vram", str(budget)], False) for budget in (8, 6, 4)]  # 4: partial
         diffusers_rows = [(COMPUTE, resident, False), ("layerwise fp8", layerwise_fp8, False)]
         table(f"{args.xl_family} {size}x{size}",
-              rows_for(folder, size, xl_steps, offload_steps, repeats, sdrun_rows, diffusers_rows, False))
-        quality(folder, size, xl_steps)
+              rows_for(folder, size, xl_steps, offload_steps, repeats, sdrun_rows, diffusers_rows, False), only)
+        if only is None or "quality" in only:
+            quality(folder, size, xl_steps)
 
 
 def model_folder(family: str) -> Path:

@@ -1,5 +1,6 @@
-// The only torch-facing C++ of sdrun: checks inputs, fills MemEffAttnParams, launches on the current stream.
-// Built by setup.py (extension sdrun._C) or just in time by sdrun/ops/_ext.py, together with mem_eff_attn.cu.
+// The only torch-facing C++ of sdrun: checks inputs, fills the kernels' plain parameter structs (MemEffAttnParams,
+// Fp8WidenParams), launches on the current stream. Built by setup.py (extension sdrun._C) or just in time by
+// sdrun/ops/_ext.py, together with mem_eff_attn.cu and fp8_widen.cu.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -8,6 +9,7 @@
 #include <cmath>
 #include <optional>
 
+#include "fp8_widen.h"
 #include "mem_eff_attn.h"
 
 // Messages are built with std::string and passed as one const char*: streaming numbers through TORCH_CHECK's
@@ -108,14 +110,31 @@ void fwd_out(at::Tensor q, at::Tensor k, at::Tensor v, double scale, at::Tensor 
 }
 int64_t bucket(int64_t head_dim) { return mem_eff_attn_bucket(int(head_dim)); }
 
+// src: float8_e4m3fn, any shape, non-overlapping and dense (a parameter: contiguous or channels-last); returns the
+// same values in `dtype` (float16 or bfloat16) with src's shape and strides.
+at::Tensor widen_fp8(at::Tensor src, at::ScalarType dtype) {
+    CHECK_DEVICE(src);
+    TORCH_CHECK(src.scalar_type() == at::kFloat8_e4m3fn, "src must be float8_e4m3fn");
+    TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16, "dtype must be float16 or bfloat16");
+    TORCH_CHECK(src.is_non_overlapping_and_dense(), "src must be non-overlapping and dense (e.g. contiguous)");
+    at::cuda::CUDAGuard device_guard{src.device()};
+    at::Tensor out = at::empty_like(src, src.options().dtype(dtype));  // dense: the strides of src, element for element
+    TORCH_CHECK(out.strides() == src.strides(), "internal: the widened tensor's strides differ from src's");
+    Fp8WidenParams p{src.data_ptr(), out.data_ptr(), src.numel(), dtype == at::kBFloat16};
+    C10_CUDA_CHECK(fp8_widen(p, at::cuda::getCurrentCUDAStream()));  // launch errors; never synchronizes
+    return out;
+}
+
 TORCH_LIBRARY(sdrun_C, m) {
     m.def("fwd(Tensor q, Tensor k, Tensor v, float scale, int variant=0) -> Tensor");
     m.def("fwd_out(Tensor q, Tensor k, Tensor v, float scale, Tensor(a!) out, int variant=0) -> ()");
     m.def("bucket(int head_dim) -> int", &bucket);
+    m.def("widen_fp8(Tensor src, ScalarType dtype) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(sdrun_C, CUDA, m) {
     m.impl("fwd", &fwd);
     m.impl("fwd_out", &fwd_out);
+    m.impl("widen_fp8", &widen_fp8);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {}  // importing the module registers the ops above

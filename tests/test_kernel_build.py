@@ -1,7 +1,8 @@
 """CI (CPU): the kernel sources compile with plain nvcc for every architecture sdrun ships, when nvcc is present.
 
-bindings.cpp is left out (it needs torch's CUDA headers); mem_eff_attn.cu holds every kernel instantiation.
-One nvcc call with all -gencode targets and -t (parallel targets): about 2 minutes on a 2-core machine.
+bindings.cpp is left out (it needs torch's CUDA headers); mem_eff_attn.cu holds every attention kernel
+instantiation, fp8_widen.cu the fp8 widening kernel. One nvcc call a file with all -gencode targets and -t
+(parallel targets): about 2 minutes on a 2-core machine.
 """
 
 import os
@@ -18,19 +19,20 @@ nvcc = shutil.which("nvcc")
 
 
 @pytest.mark.skipif(nvcc is None, reason="nvcc is not on PATH")
-def test_kernel_sources_compile_for_all_archs(tmp_path):
+@pytest.mark.parametrize("source", ["mem_eff_attn.cu", "fp8_widen.cu"])
+def test_kernel_sources_compile_for_all_archs(tmp_path, source):
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS] + ["-gencode=arch=compute_90,code=compute_90",
                                                                                 "-DSDRUN_SM90A"]
     cmd = [nvcc, "-std=c++17", "-O3", "-t", str(min(len(ARCHS) + 1, os.cpu_count() or 2)), *gencode,
-           "-I", str(ROOT / "csrc"), "-c", str(ROOT / "csrc" / "mem_eff_attn.cu"), "-o", str(tmp_path / "mea.o")]
+           "-I", str(ROOT / "csrc"), "-c", str(ROOT / "csrc" / source), "-o", str(tmp_path / "kernel.o")]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-4000:]
     assert "warning" not in res.stderr.lower(), res.stderr[-4000:]
-    assert (tmp_path / "mea.o").stat().st_size > 0
+    assert (tmp_path / "kernel.o").stat().st_size > 0
 
 
 def test_kernel_files_include_no_torch_headers():
     for name in ("mem_eff_attn.h", "mem_eff_attn_kernel.cuh", "mem_eff_attn_sm90.cuh", "mem_eff_attn_sm90_ptx.cuh",
-                 "mem_eff_attn.cu", "static_switch.h"):
+                 "mem_eff_attn.cu", "static_switch.h", "fp8_widen.h", "fp8_widen.cu"):
         includes = [line for line in (ROOT / "csrc" / name).read_text().splitlines() if line.startswith("#include")]
         assert not any(s in line for line in includes for s in ("torch", "ATen", "c10")), (name, includes)

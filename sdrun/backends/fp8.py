@@ -12,23 +12,26 @@ def unavailable_reasons(device):
     return [reason] if reason else []
 
 
-def store(pipe, names: tuple[str, ...], kind: str, flag: str) -> str:
-    """Store the named components of `pipe` in fp8; the note says how much of each, and in which dtypes."""
-    from sdrun.fp8_storage import STORAGE_DTYPE_NAME, covered_share, store_in_fp8
+def store(pipe, device, names: tuple[str, ...], kind: str, flag: str) -> str:
+    """Store the named components of `pipe` in fp8; the note says how much of each, in which dtypes, and how
+    weights are widened when that is slower than it could be."""
+    from sdrun.fp8_storage import STORAGE_DTYPE_NAME, covered_share, store_in_fp8, widener
 
     compute = pipe.unet.dtype
+    widen, slower = widener(device)
     described = []
     for name in names:
         model = getattr(pipe, name, None)
         if model is not None:
             share = covered_share(model, kind)
-            described.append(f"{name}: {store_in_fp8(model, kind, compute)} layers, {share:.0%} of its parameters")
+            layers = store_in_fp8(model, kind, compute, widen)
+            described.append(f"{name}: {layers} layers, {share:.0%} of its parameters")
     return (f"{flag}: weights stored in {STORAGE_DTYPE_NAME} ({'; '.join(described)}), computed in "
-            f"{str(compute).removeprefix('torch.')}")
+            f"{str(compute).removeprefix('torch.')}" + (f"; {slower}" if slower else ""))
 
 
-def apply(pipe, _device):
-    return store(pipe, ("unet",), "unet", BACKEND.flag)
+def apply(pipe, device):
+    return store(pipe, device, ("unet",), "unet", BACKEND.flag)
 
 
 BACKEND = Backend(

@@ -4,8 +4,8 @@ from sdrun.backends.base import Backend
 from sdrun.backends.fp8 import store, unavailable_reasons
 
 
-def apply(pipe, _device):
-    return store(pipe, ("text_encoder", "text_encoder_2"), "text", BACKEND.flag)
+def apply(pipe, device):
+    return store(pipe, device, ("text_encoder", "text_encoder_2"), "text", BACKEND.flag)
 
 
 BACKEND = Backend(

@@ -1,4 +1,5 @@
-"""sdrun's own memory-efficient attention kernel (CUDA C++ in csrc/), the engine behind `--xformers`.
+"""sdrun's own CUDA kernels (C++ in csrc/): the memory-efficient attention behind `--xformers`, and the widening of
+fp8 weights behind `--fp8` (widen_fp8).
 
 Importing this package never compiles or loads anything and never raises; `load()` does the work.
 """
@@ -16,7 +17,7 @@ from sdrun.ops.attention import memory_efficient_attention
 from sdrun.ops.reference import reference_attention
 
 __all__ = ["build_info", "load", "memory_efficient_attention", "reference_attention", "selftest", "supports",
-           "unavailable_reasons"]
+           "unavailable_reasons", "widen_fp8"]
 
 MIN_CAPABILITY = (7, 5)
 MAX_HEAD_DIM = 256
@@ -64,6 +65,14 @@ def load(device: torch.device | None = None) -> None:
     if reasons:
         raise KernelUnavailable(" ".join(reasons))
     _ext.get(device)
+
+
+def widen_fp8(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A float8_e4m3fn `weight` in `dtype`, the same values: sdrun's kernel (3x torch's cast: csrc/fp8_widen.cu) for
+    a dense CUDA weight widened to float16 or bfloat16, after load(); torch's cast for anything else."""
+    if weight.is_cuda and dtype in (torch.float16, torch.bfloat16) and weight.is_non_overlapping_and_dense():
+        return _ext.get(weight.device).widen_fp8(weight, dtype)
+    return weight.to(dtype)
 
 
 def supports(head_dim: int, dtype: torch.dtype, device: torch.device) -> str | None:

@@ -1,4 +1,4 @@
-"""The ONLY place that imports sdrun's compiled attention kernel (style.md P5).
+"""The ONLY place that imports sdrun's compiled kernels, attention and fp8 widening (style.md P5).
 
 Order: the prebuilt extension `sdrun._C` (setup.py builds it when torch with CUDA and nvcc are present), else a
 just-in-time build of the same sources with `torch.utils.cpp_extension.load`, cached per torch version, CUDA
@@ -22,7 +22,7 @@ from sdrun import cache
 from sdrun.errors import KernelUnavailable
 
 JIT_NAME = "sdrun_attn_C"
-SOURCES = ("bindings.cpp", "mem_eff_attn.cu")
+SOURCES = ("bindings.cpp", "mem_eff_attn.cu", "fp8_widen.cu")
 JIT_SECONDS = 40  # measured: ~30 s for one architecture on a 16-core H200 machine (bench/gpu.sh)
 CFLAGS = ["-O3"]  # no -std: torch picks the C++ standard its headers need
 CUDA_CFLAGS = ["-O3", "-lineinfo"]
@@ -111,7 +111,7 @@ def _jit_build(device: torch.device | None):
     cached = jit_cached(arch)
     if not cached:
         print(
-            f"sdrun: compiling the attention kernel for sm_{arch} (first --xformers run, about {JIT_SECONDS} s)...",
+            f"sdrun: compiling its kernels for sm_{arch} (first --xformers or --fp8 run, about {JIT_SECONDS} s)...",
             file=sys.stderr,
             flush=True,
         )
@@ -138,18 +138,20 @@ def _jit_build(device: torch.device | None):
         else:
             os.environ["TORCH_CUDA_ARCH_LIST"] = old_arch_list
     if not cached:
-        print(f"sdrun: attention kernel compiled in {time.perf_counter() - t0:.0f} s, cached in {build}", file=sys.stderr)
+        print(f"sdrun: kernels compiled in {time.perf_counter() - t0:.0f} s, cached in {build}", file=sys.stderr)
     return mod, ("jit-cached" if cached else "jit-compiled")
 
 
 class _Ops:
-    """The kernel's entry points: fwd(q, k, v, scale, variant=0) and fwd_out(q, k, v, scale, out, variant=0)."""
+    """The kernels' entry points: fwd(q, k, v, scale, variant=0), fwd_out(q, k, v, scale, out, variant=0),
+    bucket(head_dim) and widen_fp8(src, dtype)."""
 
     def __init__(self, module):
         self.module = module
         self.fwd = torch.ops.sdrun_C.fwd
         self.fwd_out = torch.ops.sdrun_C.fwd_out
         self.bucket = torch.ops.sdrun_C.bucket
+        self.widen_fp8 = torch.ops.sdrun_C.widen_fp8
 
 
 def get(device: torch.device | None = None) -> _Ops:

@@ -76,6 +76,9 @@ class Recording:
     cond: Conditioning
     timesteps: Timesteps  # the same for every chunk of a key; its device copy is the recording's own
     outputs: tuple[torch.Tensor, ...]  # what the loop returned while recording; each replay overwrites them
+    # the scheduler copy the loop was recorded with: its tables can be GPU tensors that the steps read (img2img's
+    # add_noise moves DDIM's alphas_cumprod to the latents' device), freed and reused if nothing kept them
+    scheduler: object
     pool_bytes: int  # GPU memory the recording keeps reserved (its private pool), which peak statistics miss
 
     def run(self, x: torch.Tensor, cond: Conditioning) -> tuple[torch.Tensor, ...]:
@@ -148,7 +151,7 @@ class Graphs:
             torch.cuda.synchronize(self.device)  # the failed recording's work settles before the eager run
             raise
         pool = max(0, torch.cuda.memory_reserved(self.device) - reserved)
-        return Recording(graph, static_x, static_cond, static_timesteps, tuple(outputs), pool)
+        return Recording(graph, static_x, static_cond, static_timesteps, tuple(outputs), scheduler, pool)
 
 
 class RecordingFailed(Exception):

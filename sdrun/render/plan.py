@@ -202,6 +202,7 @@ def make_plan(run: RunConfig, job, info: ModelInfo, device: str, init_size=None,
         added.append(name)
         plan = _build(run, job, info, device, sizes, settings, budget)
         if plan.peak_gib <= budget * HEADROOM:
+            plan, added = _without_the_unneeded(run, job, info, device, sizes, settings, budget, plan, added)
             return replace(plan, added=tuple(added) if run.max_vram is not None else ())
     if run.max_vram is None:
         return plan  # the GPU may still manage (the estimate is conservative); an OOM is reported per item
@@ -209,6 +210,22 @@ def make_plan(run: RunConfig, job, info: ModelInfo, device: str, init_size=None,
                      f"{sizes.base[1]}" + (f" -> {sizes.hires[0]}x{sizes.hires[1]}" if sizes.hires else "")
                      + f" (at least {plan.peak_gib / HEADROOM:.1f} GiB with every memory setting on): give a larger "
                      "--max-vram, or a smaller size")
+
+
+def _without_the_unneeded(run: RunConfig, job, info: ModelInfo, device: str, sizes: Sizes, settings: Settings,
+                          budget: float, plan: RenderPlan, added: list[str]) -> tuple[RenderPlan, list[str]]:
+    """Drop the settings added before the last one that the later ones made unneeded, each tried in turn: SDXL
+    under --max-vram 8 needs --fp8 for its decode, and with fp8 weights its denoise fits without the chunked
+    feed-forward and the guidance halves one after the other, which cost it time."""
+    for name in added[:-1]:
+        if name == "partial":  # its share was sized with the settings before it: keep them
+            continue
+        fewer = replace(settings, exact=False) if name == "exact" else \
+            replace(settings, flags=tuple(f for f in settings.flags if f != name))
+        candidate = _build(run, job, info, device, sizes, fewer, budget)
+        if candidate.peak_gib <= budget * HEADROOM:
+            settings, plan, added = fewer, candidate, [n for n in added if n != name]
+    return plan, added
 
 
 def _resident_that_fits(run: RunConfig, job, info: ModelInfo, device: str, sizes: Sizes, settings: Settings,
@@ -257,12 +274,18 @@ def _build(run: RunConfig, job, info: ModelInfo, device: str, sizes: Sizes, sett
     def peak(component: str, activations: float) -> float | None:
         return memory.weights_gib(arch, placement, component) + activations if cuda else None
 
+    # SDXL's own VAE decodes in float32 from fp16 weights (stages.decode_latents: it overflows fp16): its
+    # activations take 4 bytes a value, and its float32 weights sit beside the fp16 ones being replaced
+    vae_upcast = fp16 and info.family == "sdxl" and run.vae is None
+    vae_bytes = 4 if vae_upcast else value_bytes
+    vae_upcast_gib = arch.vae * 1e6 * 4 / memory.GIB if vae_upcast else 0.0
+
     def vae_stage(name: str, size: tuple[int, int], tiled: bool) -> StagePlan:
         pixels = size[0] * size[1]
         work = min(pixels, settings.vae_tile ** 2) if tiled else pixels
         images = 1 if (sliced or tiled) else batch
-        activations = memory.vae_gib(arch, work, pixels, images, value_bytes, encode=name == "encode_image")
-        return StagePlan(name, *size, tiled=tiled, peak_gib=peak("vae", activations))
+        activations = memory.vae_gib(arch, work, pixels, images, vae_bytes, encode=name == "encode_image")
+        return StagePlan(name, *size, tiled=tiled, peak_gib=peak("vae", activations + vae_upcast_gib))
 
     def unet_peak(area: int, entries: int) -> float | None:
         return peak("unet", memory.denoise_gib(arch, area, entries, value_bytes, settings.exact))
@@ -292,9 +315,26 @@ def _build(run: RunConfig, job, info: ModelInfo, device: str, sizes: Sizes, sett
                    denoise_stage(sizes.hires, steps, job.hires_strength, True),
                    vae_stage("decode", sizes.hires, True)]
     resident = settings.unet_resident_gib if placement.mode == "resident" else None
-    return RenderPlan(run.model, info.family, device, settings.flags, tuple(stages), settings.vae_tile,
+    plan = RenderPlan(run.model, info.family, device, settings.flags, tuple(stages), settings.vae_tile,
                       settings.vae_overlap, settings.exact, settings.exact and job.guidance > 1, run.max_vram,
                       unet_resident_gib=resident)
+    if not (cuda and run.cuda_graphs):
+        return plan
+    return _with_graph_pools(plan, job, memory.weights_gib(arch, placement, "unet"))
+
+
+def _with_graph_pools(plan: RenderPlan, job, unet_weights_gib: float) -> RenderPlan:
+    """A denoise replayed from a CUDA graph keeps the memory of its activations (the graph's pool) reserved after
+    it ends: every later stage's peak holds it (graphs.py; a run under --max-vram keeps one recording)."""
+    from sdrun.render import graphs
+
+    held, stages = 0.0, []
+    for stage in plan.stages:
+        stages.append(replace(stage, peak_gib=stage.peak_gib + held) if held and stage.peak_gib is not None
+                      else stage)
+        if stage.name == "denoise" and stage.peak_gib is not None and graphs.unavailable(plan, stage, job) is None:
+            held += stage.peak_gib - unet_weights_gib
+    return replace(plan, stages=tuple(stages))
 
 
 def _windows(latent_h: int, latent_w: int, settings: Settings, native_latents: int, peak_of,
