@@ -19,7 +19,16 @@ at its limit, waits for those frees instead of failing).
   copies would undo; without a stream each layer's weights are moved where they are, in whatever dtype they have.
 - Partial residency streams its UNet parts layer by layer: each part is a resnet or a transformer layer, whose
   children are layers, not block lists.
+
+Swapping whole models (ModelSwap) copies each model in from its pinned home when it runs, into one GPU buffer, the
+arena: allocated once, at the first model brought in, the size of the largest model, and laid out per model when
+the model is added, so that each tensor comes back to the same address every time. A CUDA graph reads the
+addresses it was recorded with: the UNet's denoise replays from a graph once stages.py brings it in (`bring_in`;
+a replay runs no forward for a hook to bring it). The arena stays allocated while the smaller models use it, so
+the GPU holds the largest model's room through every stage (render/memory.py counts it so).
 """
+
+from typing import NamedTuple
 
 import torch
 from accelerate.hooks import ModelHook, add_hook_to_module
@@ -32,6 +41,9 @@ LAYERS = {"offload_type": "leaf_level", "use_stream": True, "record_stream": Tru
 # the groups are the lists inside each block (resnets, attentions, samplers), one entry a group
 UNET_PARTS = {"offload_type": "block_level", "num_blocks_per_group": 1, "use_stream": True, "record_stream": True,
               "block_modules": ["down_blocks", "mid_block", "up_blocks", *map(str, range(8))]}
+# each tensor's place in --model-offload's arena starts at a multiple of it, as cudaMalloc aligns its own
+# allocations: kernels that load wide vectors rely on that
+ARENA_ALIGNMENT = 256
 STREAMED = {"unet": UNET_PARTS, "text": LAYERS, "vae": {"offload_type": "leaf_level"}, "partial": LAYERS}
 # What bench/memory.py measures, STREAMED first, so that the next choice is a one-line change.
 CANDIDATES = {
@@ -83,8 +95,12 @@ def unet_units(unet: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     return units
 
 
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
 def module_bytes(module: torch.nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+    return sum(map(tensor_bytes, (*module.parameters(), *module.buffers())))
 
 
 def streamed_units(unet: torch.nn.Module, resident_gib: float) -> list[tuple[str, torch.nn.Module]]:
@@ -123,24 +139,41 @@ def _move_resident(module: torch.nn.Module, streamed: set[int], device: torch.de
         _move_resident(child, streamed, device)
 
 
+class Slot(NamedTuple):
+    """One tensor of a swapped model: the tensor, its home in CPU memory, and its place in the arena (a byte offset)."""
+
+    tensor: torch.Tensor
+    home: torch.Tensor
+    offset: int
+
 
 class ModelSwap:
-    """--model-offload: one model on the GPU at a time, each one's home a pinned CPU copy of its weights. Bringing
-    a model in copies it (non-blocking, on the compute stream, so the kernels that read it queue after the copy);
-    putting one away drops its GPU copy and copies nothing back, since weights do not change during a render
-    (diffusers' enable_model_cpu_offload moves each model back from the GPU to pageable memory instead)."""
+    """--model-offload: one model on the GPU at a time, each one's home a pinned CPU copy of its weights, each
+    brought into the same GPU buffer (the arena) at the same places every time. Bringing a model in copies it
+    (non-blocking, on the compute stream, so the kernels that read it queue after the copy); putting one away points
+    its tensors back at their homes and copies nothing back, since weights do not change during a render
+    (diffusers' enable_model_cpu_offload moves each model back from the GPU to pageable memory instead). Every
+    model is added before the first bring, which allocates the arena for the largest."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.current = None
-        self.homes = {}  # id(model) -> [(tensor, its home in CPU memory)]
+        self.slots = {}  # id(model) -> [Slot]: its tensors and their layout in the arena, fixed when it is added
+        self.arena_bytes = 0  # the largest model's layout
+        self.arena = None
 
     def add(self, model: torch.nn.Module) -> None:
         tensors = list(dict.fromkeys((*model.parameters(), *model.buffers())))
         if self.device.type == "cuda":  # pinned: copied in at full PCIe speed, and without blocking the host
             for tensor in tensors:
                 tensor.data = tensor.data.pin_memory()
-        self.homes[id(model)] = [(tensor, tensor.data) for tensor in tensors]
+        slots, end = [], 0
+        for tensor in tensors:
+            slots.append(Slot(tensor, tensor.data, end))
+            end += tensor_bytes(tensor)
+            end += -end % ARENA_ALIGNMENT  # the next place starts aligned
+        self.slots[id(model)] = slots
+        self.arena_bytes = max(self.arena_bytes, end)
         # its children too: the VAE's tiled decode and encode call its decoder and encoder, not decode or encode
         for module in (model, *model.children()):
             add_hook_to_module(module, BringHook(self, model))
@@ -148,14 +181,32 @@ class ModelSwap:
     def bring(self, model: torch.nn.Module) -> None:
         if self.current is model:
             return
-        if self.current is not None:
-            for tensor, home in self.homes[id(self.current)]:
-                tensor.data = home
-        # in the tensor's dtype, which the decode's float32 upcast may have changed while the model was away; a
-        # copy even where device and dtype are the home's (the CPU), so a model in use never writes to its home
-        for tensor, home in self.homes[id(model)]:
-            tensor.data = home.to(self.device, dtype=tensor.dtype, non_blocking=True, copy=True)
+        if self.current is not None:  # what code put in while it was in (the decode's float32 copies) goes too
+            for slot in self.slots[id(self.current)]:
+                slot.tensor.data = slot.home
+        if self.arena is None:
+            self.arena = torch.empty(self.arena_bytes, dtype=torch.uint8, device=self.device)
+        for slot in self.slots[id(model)]:
+            slot.tensor.data = self._copied_in(slot)
         self.current = model
+
+    def _copied_in(self, slot: Slot) -> torch.Tensor:
+        """The slot's home copied into its place in the arena; a copy even on the CPU, so a model in use never
+        writes to its home. A tensor whose dtype changed while its model was away (the decode's float32 upcast)
+        no longer fits its place: it is copied, in its dtype, to a tensor of its own."""
+        tensor, home, offset = slot
+        if tensor.dtype != home.dtype:
+            return home.to(self.device, dtype=tensor.dtype, non_blocking=True, copy=True)
+        place = self.arena[offset:offset + tensor_bytes(home)].view(home.dtype).view(home.shape)
+        return place.copy_(home, non_blocking=True)
+
+
+def bring_in(model: torch.nn.Module) -> None:
+    """Bring `model` to the GPU now if --model-offload swaps it (else nothing): a CUDA graph's replay runs no
+    forward, so no BringHook brings in the UNet it reads."""
+    hook = getattr(model, "_hf_hook", None)
+    if isinstance(hook, BringHook):
+        hook.swap.bring(hook.model)
 
 
 class BringHook(ModelHook):

@@ -1,6 +1,6 @@
 """CUDA graphs of the denoising loop (render/graphs.py), through the real CLI on the tiny model: replayed images
-match eager ones, a new size records again, --no-cuda-graphs stays eager, and every scheduler either records or
-says why not. Skipped without CUDA."""
+match eager ones, a new size records again, --no-cuda-graphs stays eager, every scheduler either records or says
+why not, and --model-offload replays too. Skipped without CUDA."""
 
 from pathlib import Path
 
@@ -92,3 +92,10 @@ def test_a_smaller_last_chunk_records_its_own_graph(sdrun):
     """--batch-size 2 with 5 images: chunks of 2, 2 and 1; the batch of 2 replays, the batch of 1 runs eagerly."""
     graphed = assert_replays_match_eager(sdrun, "--batch-size", "2", images=5)
     assert [meta(p)["render"]["cuda_graph"] for p in graphed] == [False, False, True, True, False]
+
+
+def test_model_offload_replays_with_the_unet_back_in_its_arena(sdrun):
+    """--model-offload: between replays the text encoder and the VAE use the arena the UNet was recorded in, and the
+    denoise copies the UNet back before each replay (offload.bring_in)."""
+    graphed = assert_replays_match_eager(sdrun, "--model-offload")
+    assert [meta(p)["render"]["cuda_graph"] for p in graphed] == [False, True, True]

@@ -1,7 +1,8 @@
 """Weights streamed from CPU memory: --cpu-offload (every model) and --max-vram's partial residency (the UNet parts
-that do not fit). On the CPU the weights' home and the device are the same memory, so these tests check what
-does not depend on a GPU: the planner's choice, which blocks stream for a budget, and that the group-offloading
-hooks leave the image unchanged on sdrun's own render path."""
+that do not fit), and whole models swapped through one arena (--model-offload). On the CPU the weights' home and
+the device are the same memory, so these tests check what does not depend on a GPU: the planner's choice, which
+blocks stream for a budget, the arena's layout and addresses, and that the hooks leave the image unchanged on
+sdrun's own render path."""
 
 from dataclasses import replace
 
@@ -15,7 +16,7 @@ from sdrun.backends import cpu_offload
 from sdrun.backends.base import Backend
 from sdrun.config import Job, RunConfig
 from sdrun.console import Reporter
-from sdrun.render import plan as render_plan
+from sdrun.render import memory, plan as render_plan
 from sdrun.render.stages import render
 
 from conftest import TINY
@@ -83,12 +84,13 @@ def test_a_partly_streamed_unet_computes_what_the_resident_one_does():
     assert torch.equal(resident, streamed) and torch.equal(resident, again)
 
 
-def render_tiny(setup_change=lambda setup: setup, flags=()):
-    run = RunConfig(model="tiny", flags=flags)
-    job = Job(prompt="a red fox", steps=2, width=64, height=64, seed=3)
-    planned = pipeline.plan_run(run, [job])
+JOB = Job(prompt="a red fox", steps=2, width=64, height=64, seed=3)
+
+
+def render_tiny(setup_change=lambda setup: setup):
+    planned = pipeline.plan_run(RunConfig(model="tiny"), [JOB])
     engine = pipeline.load(planned.run, Reporter(quiet=True), setup_change(planned.setup))
-    return np.asarray(render(engine, planned[job], job, [3]).images[0]), engine
+    return np.asarray(render(engine, planned[JOB], JOB, [3]).images[0]), engine
 
 
 def test_partial_residency_applied_at_load_keeps_the_image():
@@ -120,26 +122,128 @@ def test_offloads_keep_the_image_on_sdruns_render_path(sdrun, monkeypatch, flag,
     assert cpu_offload.BACKEND.places_pipeline
 
 
-def test_model_swap_keeps_one_model_in_and_follows_a_dtype_change_made_while_away():
+def swapped_tiny():
+    """The tiny pipeline's three models swapped on the CPU: there the arena is CPU memory, laid out as on a GPU."""
     pipe = models.build_tiny()
     swap = offload.ModelSwap(torch.device("cpu"))
-    for model in (pipe.unet, pipe.vae):
+    for model in (pipe.text_encoder, pipe.unet, pipe.vae):
         swap.add(model)
+    return pipe, swap
 
-    def at_home(model) -> bool:
-        return all(t.data_ptr() == home.data_ptr() for t, home in swap.homes[id(model)])
 
+def addresses(swap, model) -> list[int]:
+    return [slot.tensor.data_ptr() for slot in swap.slots[id(model)]]
+
+
+def in_arena(swap, model) -> list[bool]:
+    start = swap.arena.data_ptr()
+    return [start <= slot.tensor.data_ptr() and slot.tensor.data_ptr() + offload.tensor_bytes(slot.tensor)
+            <= start + swap.arena.numel() for slot in swap.slots[id(model)]]
+
+
+def at_home(swap, model) -> bool:
+    return all(slot.tensor.data_ptr() == slot.home.data_ptr() for slot in swap.slots[id(model)])
+
+
+def equal_to_homes(swap, model) -> bool:
+    return all(torch.equal(slot.tensor.double(), slot.home.double()) for slot in swap.slots[id(model)])
+
+
+def test_model_swap_lays_each_model_out_once_in_an_arena_sized_for_the_largest():
+    pipe, swap = swapped_tiny()
+    ends = []
+    for model in (pipe.text_encoder, pipe.unet, pipe.vae):
+        slots = sorted(swap.slots[id(model)], key=lambda slot: slot.offset)
+        assert all(slot.offset % offload.ARENA_ALIGNMENT == 0 for slot in slots)
+        assert all(a.offset + offload.tensor_bytes(a.home) <= b.offset for a, b in zip(slots, slots[1:]))  # apart
+        assert len(slots) == len(set(map(id, (*model.parameters(), *model.buffers()))))  # every tensor, once
+        ends.append(slots[-1].offset + offload.tensor_bytes(slots[-1].home))
+    assert max(ends) <= swap.arena_bytes < max(ends) + offload.ARENA_ALIGNMENT
+    assert swap.arena is None  # allocated at the first bring, not before
     swap.bring(pipe.unet)
-    assert swap.current is pipe.unet and not at_home(pipe.unet) and at_home(pipe.vae)
+    assert swap.arena.numel() == swap.arena_bytes
+
+
+def test_model_swap_brings_a_model_back_to_the_same_addresses_with_its_homes_values():
+    """What lets a CUDA graph recorded with the UNet in replay after the VAE has used the arena."""
+    pipe, swap = swapped_tiny()
+    swap.bring(pipe.unet)
+    arena, first = swap.arena, addresses(swap, pipe.unet)
+    assert all(in_arena(swap, pipe.unet)) and equal_to_homes(swap, pipe.unet) and not at_home(swap, pipe.unet)
+    swap.bring(pipe.vae)
+    assert all(in_arena(swap, pipe.vae)) and equal_to_homes(swap, pipe.vae)
+    assert addresses(swap, pipe.vae)[0] == first[0]  # both start at the arena's start: the VAE wrote over the UNet
+    assert at_home(swap, pipe.unet)  # put away: its tensors are its homes again, nothing copied back
+    swap.bring(pipe.unet)
+    assert swap.arena is arena and addresses(swap, pipe.unet) == first and equal_to_homes(swap, pipe.unet)
+
+
+def test_model_swap_follows_a_dtype_change_made_while_away_and_drops_copies_made_while_in():
+    pipe, swap = swapped_tiny()
+    swap.bring(pipe.unet)
     pipe.vae.to(dtype=torch.float64)  # as the decode's float32 upcast does, while the VAE is away
     swap.bring(pipe.vae)
-    assert swap.current is pipe.vae and pipe.vae.dtype == torch.float64
-    assert at_home(pipe.unet)  # put away: its tensors are its homes again, nothing copied back
-    assert all(torch.equal(t.float(), home.float()) for t, home in swap.homes[id(pipe.vae)])
+    assert swap.current is pipe.vae and pipe.vae.dtype == torch.float64 and at_home(swap, pipe.unet)
+    assert not any(in_arena(swap, pipe.vae)) and equal_to_homes(swap, pipe.vae)  # too big for its places
     swap.bring(pipe.unet)
+    assert at_home(swap, pipe.vae) and pipe.vae.dtype == torch.float32  # its float64 copies dropped
+    swap.bring(pipe.vae)
+    assert all(in_arena(swap, pipe.vae))
+    pipe.vae.to(dtype=torch.float64).to(dtype=torch.float32)  # as the decode's upcast does while the VAE is in
+    assert not any(in_arena(swap, pipe.vae))
+    swap.bring(pipe.unet)
+    assert at_home(swap, pipe.vae)
     with torch.no_grad():  # the tiled decode calls the decoder itself, not the VAE's decode
         pipe.vae.tiled_decode(torch.zeros(1, 4, 8, 8))
-    assert swap.current is pipe.vae
+    assert swap.current is pipe.vae and all(in_arena(swap, pipe.vae))
+
+
+def test_bring_in_brings_a_swapped_model_and_leaves_any_other_alone():
+    pipe, swap = swapped_tiny()
+    swap.bring(pipe.vae)
+    offload.bring_in(pipe.unet)  # as the denoise does before replaying a graph: no forward runs to bring it
+    assert swap.current is pipe.unet and all(in_arena(swap, pipe.unet)) and equal_to_homes(swap, pipe.unet)
+    plain = models.build_tiny().unet
+    before = [tensor.data_ptr() for tensor in plain.parameters()]
+    offload.bring_in(plain)
+    assert [tensor.data_ptr() for tensor in plain.parameters()] == before and swap.current is pipe.unet
+
+
+def test_a_replayed_denoise_finds_the_unet_brought_back_into_the_arena(monkeypatch):
+    """What a CUDA graph's replay needs, on the CPU: a stand-in recording (it runs the loop eagerly) finds the UNet
+    in, though the text encoder ran last and no UNet forward has run since (stages.denoise calls bring_in)."""
+    monkeypatch.setattr(Backend, "unavailable_reasons", lambda self, device: [])
+    planned = pipeline.plan_run(RunConfig(model="tiny", flags=("model_offload",)), [JOB])
+    engine = pipeline.load(planned.run, Reporter(quiet=True), planned.setup)
+    swap, in_at_replay = engine.pipe.unet._hf_hook.swap, []
+
+    class StandInRecording:
+        def __init__(self, loop, timesteps, scheduler):
+            self.loop, self.timesteps, self.scheduler = loop, timesteps, scheduler
+
+        def run(self, x, cond):
+            in_at_replay.append(swap.current)
+            return self.loop(x, cond, self.timesteps, self.scheduler)
+
+    class StandInGraphs:
+        def recording(self, key, loop, x, cond, timesteps, scheduler, warm_up):
+            return StandInRecording(loop, timesteps, scheduler)
+
+    engine.graphs = StandInGraphs()
+    rendered = render(engine, planned[JOB], JOB, [3])
+    assert rendered.cuda_graph and in_at_replay == [engine.pipe.unet]
+    assert np.array_equal(np.asarray(rendered.images[0]), render_tiny()[0])
+
+
+def test_model_offload_plans_the_largest_models_room_in_every_stage():
+    """The arena stays allocated while the text encoder and the VAE use part of it."""
+    arch = memory.ARCHITECTURES["sd1"]
+    unet = arch.unet * 1e6 * 2 / memory.GIB
+    placement = memory.Placement("model", 2)
+    assert [memory.weights_gib(arch, placement, part) for part in ("text", "unet", "vae")] == [unet] * 3
+    plan = render_plan.make_plan(RunConfig(flags=("fp16", "model_offload")), Job(prompt="x"), SD1, "cuda")
+    decode = next(stage for stage in plan.stages if stage.name == "decode")
+    assert decode.peak_gib > unet
 
 
 @pytest.mark.parametrize("component, streams", [("unet", True), ("text_encoder", True), ("partial", True),

@@ -1,5 +1,5 @@
 """--model-offload: whole models (text encoder, UNet, VAE) on the GPU one at a time, as each is needed, copied in
-from pinned CPU memory (sdrun/offload.py: ModelSwap)."""
+from pinned CPU memory into one buffer the size of the largest (sdrun/offload.py: ModelSwap)."""
 
 from sdrun.backends.base import Backend
 
@@ -12,12 +12,12 @@ def apply(pipe, device):
 
 BACKEND = Backend(
     name="model_offload",
-    brief="saves the idle models' weights (SD 1.5 at 512x512: 2.64 -> 1.77 GiB); costs time (2.4 s an image, 1.4 s "
-    "eager without it)",
+    brief="saves the weights of all but the largest model; costs one copy of each model over PCIe an image (the "
+    "denoise still replays from CUDA graphs)",
     help="Keep only the model in use on the GPU (UNet during denoising, VAE while decoding), each copied in from "
-    "pinned CPU memory when it runs: the other models' weights are saved, for one copy of each model over PCIe "
-    "per image. SD 1.5 at 512x512 on an H200: 1.77 GiB at 2.39 s an image, against 2.64 GiB at 1.36 s (eager) "
-    "or 0.65 s (CUDA graphs) without it.",
+    "pinned CPU memory when it runs, into one buffer the size of the largest model: the other models' weights "
+    "are saved, for one copy of each model over PCIe per image. The UNet comes back to the same addresses every "
+    "time, so its denoise replays from CUDA graphs as without the flag (times and memory in docs/benchmarks.md).",
     apply=apply,
     lowers=("weights",),
     needs_cuda=True,

@@ -8,7 +8,8 @@ runs on the host between steps.
 A recording reads its inputs from tensors of its own (the starting latents and the conditioning: `Recording.run`
 copies a chunk's into them; the timesteps); everything else it needs is fixed when it is recorded: the
 scheduler's constants, the guidance scale, LoRA scales. The key (`key`) holds all of those, so a job that differs
-in any of them records its own graph.
+in any of them records its own graph. The weights stay where they were recorded: resident, or, under
+--model-offload, brought back to the same addresses in offload.py's arena before each replay.
 
 A key is recorded the second time a run meets it: the first render runs eagerly, which also warms cuDNN and
 cuBLAS and builds the kernels lazily, and a one-image run pays for no recording. `unavailable` says when a render
@@ -26,14 +27,12 @@ from sdrun.render.sampling import Conditioning, Timesteps
 KEPT = 2  # recordings a run keeps (the least recently used goes): each holds the memory of a denoise's activations
 MAX_PIXELS = 1536 * 1024  # above this the GPU's work, not kernel launches, sets the pace: a graph gains nothing
 SCHEDULERS_DRAWING_NOISE = ("euler-a",)  # they draw new noise each step, which a recording would repeat
-OFFLOAD = ("cpu_offload", "model_offload")
 
 
 def unavailable(plan, step, job) -> str | None:
     """Why this denoise runs eagerly, as a sentence; None when a CUDA graph can record it."""
-    offload = [name for name in OFFLOAD if name in plan.flags]
-    if offload:
-        return f"--{offload[0].replace('_', '-')} moves weights while each step runs, which a graph cannot record"
+    if "cpu_offload" in plan.flags:
+        return "--cpu-offload moves weights while each step runs, which a graph cannot record"
     if plan.unet_resident_gib is not None:
         return "partial residency streams UNet weights while each step runs, which a graph cannot record"
     if plan.max_vram is not None:
@@ -50,8 +49,8 @@ def availability(device: torch.device) -> str:
     """For `sdrun info`: whether runs here replay their denoise from CUDA graphs, and when not."""
     if device.type != "cuda":
         return "unavailable: no CUDA GPU is visible to torch"
-    return (f"on from a size's second image, up to {MAX_PIXELS // 1024}x1024 (not with offload, partial residency, "
-            f"--max-vram or {', '.join(SCHEDULERS_DRAWING_NOISE)}; --no-cuda-graphs turns them off)")
+    return (f"on from a size's second image, up to {MAX_PIXELS // 1024}x1024 (not with --cpu-offload, partial "
+            f"residency, --max-vram or {', '.join(SCHEDULERS_DRAWING_NOISE)}; --no-cuda-graphs turns them off)")
 
 
 def key(x: torch.Tensor, cond: Conditioning, *settings) -> tuple:

@@ -58,8 +58,8 @@ OFFLOADED_UNET_PART_SHARE = 0.10
 
 @dataclass(frozen=True)
 class Placement:
-    """How weights sit on the GPU: all resident (the UNet perhaps in part), one model at a time (model offload), or
-    streamed part by part (--cpu-offload)."""
+    """How weights sit on the GPU: all resident (the UNet perhaps in part), one model at a time in the room of the
+    largest (model offload), or streamed part by part (--cpu-offload)."""
 
     mode: str  # "resident" | "model" | "layer"
     weight_bytes: int  # bytes per parameter in the compute dtype: 2 for fp16, 4 for fp32
@@ -72,8 +72,9 @@ def weights_gib(arch: Architecture, placement: Placement, component: str) -> flo
     sizes = {"text": arch.text, "unet": arch.unet, "vae": arch.vae}
     if placement.mode == "resident":
         return sum(_resident_gib(sizes, placement, name) for name in sizes)
-    share = 1 if placement.mode == "model" else OFFLOADED_UNET_PART_SHARE if component == "unet" else \
-        OFFLOADED_LAYER_SHARE
+    if placement.mode == "model":  # one model at a time, in the room of the largest (sdrun/offload.py's arena)
+        return max(_component_gib(sizes, placement, name) for name in sizes)
+    share = OFFLOADED_UNET_PART_SHARE if component == "unet" else OFFLOADED_LAYER_SHARE
     return _component_gib(sizes, placement, component) * share
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
 
-from sdrun import adapters, ip_adapter
+from sdrun import adapters, ip_adapter, offload
 from sdrun.errors import OutOfMemory, SdrunError
 from sdrun.render import graphs, images, prompts, sampling, shared_norm_tiles
 from sdrun.render.plan import RenderPlan, StagePlan
@@ -185,6 +185,7 @@ def denoise(engine, job, step: StagePlan, canvas: Canvas) -> Canvas:
     with torch.no_grad(), chunked_feed_forward(pipe.unet, plan.chunked_feed_forward):
         recording = _graph_recording(engine, job, step, canvas, timesteps, loop, warm_up)
         if recording is not None:
+            offload.bring_in(pipe.unet)  # a replay runs no forward whose hook would bring a swapped UNet in
             canvas.latents, first_bad = recording.run(canvas.latents, canvas.cond)
             canvas.graphed = True
             for _ in canvas.timesteps:
