@@ -20,12 +20,14 @@ at its limit, waits for those frees instead of failing).
 - Partial residency streams its UNet parts layer by layer: each part is a resnet or a transformer layer, whose
   children are layers, not block lists.
 
-Swapping whole models (ModelSwap) copies each model in from its pinned home when it runs, into one GPU buffer, the
-arena: allocated once, at the first model brought in, the size of the largest model, and laid out per model when
-the model is added, so that each tensor comes back to the same address every time. A CUDA graph reads the
-addresses it was recorded with: the UNet's denoise replays from a graph once stages.py brings it in (`bring_in`;
-a replay runs no forward for a hook to bring it). The arena stays allocated while the smaller models use it, so
-the GPU holds the largest model's room through every stage (render/memory.py counts it so).
+Swapping whole models (ModelSwap) copies each model in from its pinned home when it runs. Once a CUDA graph is to
+record or replay the UNet's denoise (stages.py calls `bring_in_fixed`), every model is copied into one GPU buffer,
+the arena: the size of the largest model, laid out per model when the model is added, so that each tensor comes
+back to the same address every time, as a graph reads the addresses it was recorded with. The arena stays
+allocated while the smaller models use it, so the GPU then holds the largest model's room through every stage
+(render/memory.py counts it so). Until then, and in runs that never replay a graph (--max-vram,
+--no-cuda-graphs, large sizes), each model brought in gets tensors of its own and gives their memory back when it
+goes, so the decode does not hold the UNet's room.
 """
 
 from typing import NamedTuple
@@ -153,14 +155,15 @@ class ModelSwap:
     (non-blocking, on the compute stream, so the kernels that read it queue after the copy); putting one away points
     its tensors back at their homes and copies nothing back, since weights do not change during a render
     (diffusers' enable_model_cpu_offload moves each model back from the GPU to pageable memory instead). Every
-    model is added before the first bring, which allocates the arena for the largest."""
+    model is added before `fix_addresses` allocates the arena for the largest; before it, each model brought in
+    gets tensors of its own."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.current = None
         self.slots = {}  # id(model) -> [Slot]: its tensors and their layout in the arena, fixed when it is added
         self.arena_bytes = 0  # the largest model's layout
-        self.arena = None
+        self.arena = None  # allocated by fix_addresses
 
     def add(self, model: torch.nn.Module) -> None:
         tensors = list(dict.fromkeys((*model.parameters(), *model.buffers())))
@@ -184,28 +187,38 @@ class ModelSwap:
         if self.current is not None:  # what code put in while it was in (the decode's float32 copies) goes too
             for slot in self.slots[id(self.current)]:
                 slot.tensor.data = slot.home
-        if self.arena is None:
-            self.arena = torch.empty(self.arena_bytes, dtype=torch.uint8, device=self.device)
         for slot in self.slots[id(model)]:
             slot.tensor.data = self._copied_in(slot)
         self.current = model
 
+    def fix_addresses(self) -> None:
+        """From now on every model comes in to its places in the arena (allocated now), the model in use too."""
+        if self.arena is not None:
+            return
+        self.arena = torch.empty(self.arena_bytes, dtype=torch.uint8, device=self.device)
+        current, self.current = self.current, None
+        if current is not None:
+            self.bring(current)
+
     def _copied_in(self, slot: Slot) -> torch.Tensor:
-        """The slot's home copied into its place in the arena; a copy even on the CPU, so a model in use never
-        writes to its home. A tensor whose dtype changed while its model was away (the decode's float32 upcast)
-        no longer fits its place: it is copied, in its dtype, to a tensor of its own."""
+        """The slot's home copied into its place in the arena, or before fix_addresses to a tensor of its own; a
+        copy even on the CPU, so a model in use never writes to its home. A tensor whose dtype changed while its
+        model was away (the decode's float32 upcast) no longer fits its place: it is copied, in its dtype, to a
+        tensor of its own."""
         tensor, home, offset = slot
-        if tensor.dtype != home.dtype:
+        if self.arena is None or tensor.dtype != home.dtype:
             return home.to(self.device, dtype=tensor.dtype, non_blocking=True, copy=True)
         place = self.arena[offset:offset + tensor_bytes(home)].view(home.dtype).view(home.shape)
         return place.copy_(home, non_blocking=True)
 
 
-def bring_in(model: torch.nn.Module) -> None:
-    """Bring `model` to the GPU now if --model-offload swaps it (else nothing): a CUDA graph's replay runs no
-    forward, so no BringHook brings in the UNet it reads."""
+def bring_in_fixed(model: torch.nn.Module) -> None:
+    """If --model-offload swaps `model` (else nothing): models come in to fixed addresses from now on, and this one
+    is brought in now. A CUDA graph records the addresses it reads, and its replay runs no forward, so no
+    BringHook brings in the UNet it reads."""
     hook = getattr(model, "_hf_hook", None)
     if isinstance(hook, BringHook):
+        hook.swap.fix_addresses()
         hook.swap.bring(hook.model)
 
 

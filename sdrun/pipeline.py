@@ -17,7 +17,7 @@ import torch
 from sdrun import adapters, backends, lora_file, models, vae_file
 from sdrun.config import RunConfig
 from sdrun.errors import UsageError
-from sdrun.render.graphs import Graphs
+from sdrun.render.graphs import KEPT, KEPT_UNDER_MAX_VRAM, Graphs
 from sdrun.render.images import image_size
 from sdrun.render.plan import ESCALATION, ModelInfo, RenderPlan, make_plan
 
@@ -213,7 +213,8 @@ def load(run: RunConfig, reporter, setup: RunSetup) -> Engine:
     return Engine(pipe, device, tuple(b.name for b in chosen), _recorded_path(run.model, source.path), name,
                   pipe.sdrun_family, _recorded_path(run.config_dir, source.config_dir), base_scheduler=pipe.scheduler,
                   adapters=loaded, note=reporter.note,
-                  graphs=Graphs(device) if run.cuda_graphs and device.type == "cuda" else None)
+                  graphs=Graphs(device, KEPT_UNDER_MAX_VRAM if run.max_vram is not None else KEPT)
+                  if run.cuda_graphs and device.type == "cuda" else None)
 
 
 def _recorded_path(spec: str | None, path: Path | None) -> str | None:

@@ -96,6 +96,6 @@ def test_a_smaller_last_chunk_records_its_own_graph(sdrun):
 
 def test_model_offload_replays_with_the_unet_back_in_its_arena(sdrun):
     """--model-offload: between replays the text encoder and the VAE use the arena the UNet was recorded in, and the
-    denoise copies the UNet back before each replay (offload.bring_in)."""
+    denoise copies the UNet back before each replay (offload.bring_in_fixed)."""
     graphed = assert_replays_match_eager(sdrun, "--model-offload")
     assert [meta(p)["render"]["cuda_graph"] for p in graphed] == [False, True, True]

@@ -18,15 +18,17 @@ class Plan:
 SMALL = StagePlan("denoise", 512, 512, steps=20)
 
 
-@pytest.mark.parametrize("flags", [("fp16", "xformers"), ("fp16", "model_offload")])
-def test_a_plain_512_denoise_can_be_recorded(flags):
-    """--model-offload too: its UNet comes back to the addresses a recording reads (offload.py's arena)."""
-    assert graphs.unavailable(Plan(flags), SMALL, Job(prompt="x")) is None
+@pytest.mark.parametrize("flags, max_vram", [(("fp16", "xformers"), None), (("fp16", "model_offload"), None),
+                                             (("fp16", "fp8"), 4.0)])
+def test_a_plain_512_denoise_can_be_recorded(flags, max_vram):
+    """--model-offload too: its UNet comes back to the addresses a recording reads (offload.py's arena); and under
+    --max-vram, whose plan counts the recording's memory in the stages after it."""
+    assert graphs.unavailable(Plan(flags, max_vram), SMALL, Job(prompt="x")) is None
 
 
 @pytest.mark.parametrize("plan, step, job, says", [
     (Plan(("fp16", "cpu_offload")), SMALL, Job(prompt="x"), "--cpu-offload moves weights"),
-    (Plan(max_vram=4.0), SMALL, Job(prompt="x"), "under --max-vram"),
+    (Plan(("fp16", "model_offload"), max_vram=4.0), SMALL, Job(prompt="x"), "under --max-vram, --model-offload"),
     (Plan(max_vram=1.6, unet_resident_gib=1.1), SMALL, Job(prompt="x"), "partial residency streams"),
     (Plan(), StagePlan("denoise", 3840, 2160, steps=20), Job(prompt="x"), "at 3840x2160 the GPU's work"),
     (Plan(), StagePlan("denoise", 512, 512, windows=Windows(64, 96, 64, 16, 2)), Job(prompt="x"), "at 512x512"),

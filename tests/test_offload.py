@@ -159,14 +159,26 @@ def test_model_swap_lays_each_model_out_once_in_an_arena_sized_for_the_largest()
         assert len(slots) == len(set(map(id, (*model.parameters(), *model.buffers()))))  # every tensor, once
         ends.append(slots[-1].offset + offload.tensor_bytes(slots[-1].home))
     assert max(ends) <= swap.arena_bytes < max(ends) + offload.ARENA_ALIGNMENT
-    assert swap.arena is None  # allocated at the first bring, not before
     swap.bring(pipe.unet)
+    assert swap.arena is None and not at_home(swap, pipe.unet)  # no graph asked for fixed addresses: own tensors
+    swap.fix_addresses()
     assert swap.arena.numel() == swap.arena_bytes
+    assert swap.current is pipe.unet and all(in_arena(swap, pipe.unet)) and equal_to_homes(swap, pipe.unet)
+
+
+def test_before_fixed_addresses_a_model_put_away_gives_its_memory_back():
+    """Runs that replay no graph keep today's peak: the decode does not hold the UNet's room."""
+    pipe, swap = swapped_tiny()
+    swap.bring(pipe.unet)
+    assert equal_to_homes(swap, pipe.unet) and not at_home(swap, pipe.unet)
+    swap.bring(pipe.vae)
+    assert at_home(swap, pipe.unet) and swap.arena is None  # the UNet's copies: referenced by nothing now
 
 
 def test_model_swap_brings_a_model_back_to_the_same_addresses_with_its_homes_values():
     """What lets a CUDA graph recorded with the UNet in replay after the VAE has used the arena."""
     pipe, swap = swapped_tiny()
+    swap.fix_addresses()
     swap.bring(pipe.unet)
     arena, first = swap.arena, addresses(swap, pipe.unet)
     assert all(in_arena(swap, pipe.unet)) and equal_to_homes(swap, pipe.unet) and not at_home(swap, pipe.unet)
@@ -180,6 +192,7 @@ def test_model_swap_brings_a_model_back_to_the_same_addresses_with_its_homes_val
 
 def test_model_swap_follows_a_dtype_change_made_while_away_and_drops_copies_made_while_in():
     pipe, swap = swapped_tiny()
+    swap.fix_addresses()
     swap.bring(pipe.unet)
     pipe.vae.to(dtype=torch.float64)  # as the decode's float32 upcast does, while the VAE is away
     swap.bring(pipe.vae)
@@ -198,20 +211,21 @@ def test_model_swap_follows_a_dtype_change_made_while_away_and_drops_copies_made
     assert swap.current is pipe.vae and all(in_arena(swap, pipe.vae))
 
 
-def test_bring_in_brings_a_swapped_model_and_leaves_any_other_alone():
+def test_bring_in_fixed_brings_a_swapped_model_into_the_arena_and_leaves_any_other_alone():
     pipe, swap = swapped_tiny()
     swap.bring(pipe.vae)
-    offload.bring_in(pipe.unet)  # as the denoise does before replaying a graph: no forward runs to bring it
+    offload.bring_in_fixed(pipe.unet)  # as the denoise does before replaying a graph: no forward runs to bring it
     assert swap.current is pipe.unet and all(in_arena(swap, pipe.unet)) and equal_to_homes(swap, pipe.unet)
     plain = models.build_tiny().unet
     before = [tensor.data_ptr() for tensor in plain.parameters()]
-    offload.bring_in(plain)
+    offload.bring_in_fixed(plain)
     assert [tensor.data_ptr() for tensor in plain.parameters()] == before and swap.current is pipe.unet
 
 
 def test_a_replayed_denoise_finds_the_unet_brought_back_into_the_arena(monkeypatch):
     """What a CUDA graph's replay needs, on the CPU: a stand-in recording (it runs the loop eagerly) finds the UNet
-    in, though the text encoder ran last and no UNet forward has run since (stages.denoise calls bring_in)."""
+    in, though the text encoder ran last and no UNet forward has run since (stages.denoise calls
+    bring_in_fixed)."""
     monkeypatch.setattr(Backend, "unavailable_reasons", lambda self, device: [])
     planned = pipeline.plan_run(RunConfig(model="tiny", flags=("model_offload",)), [JOB])
     engine = pipeline.load(planned.run, Reporter(quiet=True), planned.setup)
@@ -222,28 +236,39 @@ def test_a_replayed_denoise_finds_the_unet_brought_back_into_the_arena(monkeypat
             self.loop, self.timesteps, self.scheduler = loop, timesteps, scheduler
 
         def run(self, x, cond):
-            in_at_replay.append(swap.current)
+            in_at_replay.append((swap.current, all(in_arena(swap, swap.current))))
             return self.loop(x, cond, self.timesteps, self.scheduler)
 
+    class Everything:
+        def __contains__(self, _key):
+            return True
+
     class StandInGraphs:
+        seen = Everything()  # every key met before: recorded now, or replayed
+
         def recording(self, key, loop, x, cond, timesteps, scheduler, warm_up):
             return StandInRecording(loop, timesteps, scheduler)
 
     engine.graphs = StandInGraphs()
     rendered = render(engine, planned[JOB], JOB, [3])
-    assert rendered.cuda_graph and in_at_replay == [engine.pipe.unet]
+    assert rendered.cuda_graph and in_at_replay == [(engine.pipe.unet, True)]
     assert np.array_equal(np.asarray(rendered.images[0]), render_tiny()[0])
 
 
-def test_model_offload_plans_the_largest_models_room_in_every_stage():
-    """The arena stays allocated while the text encoder and the VAE use part of it."""
+def test_model_offload_plans_the_largest_models_room_in_every_stage_when_a_graph_replays():
+    """The arena stays allocated while the text encoder and the VAE use part of it; without a graph to replay
+    (--no-cuda-graphs here; --max-vram, large sizes) each stage holds only its own model."""
     arch = memory.ARCHITECTURES["sd1"]
     unet = arch.unet * 1e6 * 2 / memory.GIB
-    placement = memory.Placement("model", 2)
-    assert [memory.weights_gib(arch, placement, part) for part in ("text", "unet", "vae")] == [unet] * 3
-    plan = render_plan.make_plan(RunConfig(flags=("fp16", "model_offload")), Job(prompt="x"), SD1, "cuda")
-    decode = next(stage for stage in plan.stages if stage.name == "decode")
-    assert decode.peak_gib > unet
+    fixed = memory.Placement("model", 2, fixed_addresses=True)
+    assert [memory.weights_gib(arch, fixed, part) for part in ("text", "unet", "vae")] == [unet] * 3
+    assert memory.weights_gib(arch, memory.Placement("model", 2), "vae") < unet / 5
+
+    def decode_peak(**run) -> float:
+        plan = render_plan.make_plan(RunConfig(flags=("fp16", "model_offload"), **run), Job(prompt="x"), SD1, "cuda")
+        return next(stage for stage in plan.stages if stage.name == "decode").peak_gib
+
+    assert decode_peak() > unet > decode_peak(cuda_graphs=False)
 
 
 @pytest.mark.parametrize("component, streams", [("unet", True), ("text_encoder", True), ("partial", True),

@@ -25,6 +25,7 @@ import torch
 from sdrun.render.sampling import Conditioning, Timesteps
 
 KEPT = 2  # recordings a run keeps (the least recently used goes): each holds the memory of a denoise's activations
+KEPT_UNDER_MAX_VRAM = 1  # the planner counts one recording's memory in the stages after a denoise (plan.py)
 MAX_PIXELS = 1536 * 1024  # above this the GPU's work, not kernel launches, sets the pace: a graph gains nothing
 SCHEDULERS_DRAWING_NOISE = ("euler-a",)  # they draw new noise each step, which a recording would repeat
 
@@ -35,8 +36,9 @@ def unavailable(plan, step, job) -> str | None:
         return "--cpu-offload moves weights while each step runs, which a graph cannot record"
     if plan.unet_resident_gib is not None:
         return "partial residency streams UNet weights while each step runs, which a graph cannot record"
-    if plan.max_vram is not None:
-        return "under --max-vram, a graph's memory would stay reserved while the image decodes"
+    if plan.max_vram is not None and "model_offload" in plan.flags:
+        return ("under --max-vram, --model-offload gives each model's memory to the next, and a graph needs the "
+                "UNet's to stay reserved")
     if step.windows is not None or step.width * step.height > MAX_PIXELS:
         return (f"at {step.width}x{step.height} the GPU's work, not kernel launches, sets the pace, and a graph "
                 "would only hold memory")
@@ -50,7 +52,8 @@ def availability(device: torch.device) -> str:
     if device.type != "cuda":
         return "unavailable: no CUDA GPU is visible to torch"
     return (f"on from a size's second image, up to {MAX_PIXELS // 1024}x1024 (not with --cpu-offload, partial "
-            f"residency, --max-vram or {', '.join(SCHEDULERS_DRAWING_NOISE)}; --no-cuda-graphs turns them off)")
+            f"residency, --model-offload under --max-vram, or {', '.join(SCHEDULERS_DRAWING_NOISE)}; "
+            "--no-cuda-graphs turns them off)")
 
 
 def key(x: torch.Tensor, cond: Conditioning, *settings) -> tuple:
@@ -91,8 +94,8 @@ class Recording:
 class Graphs:
     """The recordings of one run, and the keys that failed to record (with why), so they are not tried again."""
 
-    def __init__(self, device: torch.device):
-        self.device = device
+    def __init__(self, device: torch.device, kept: int = KEPT):
+        self.device, self.kept = device, kept
         self.stream = None  # warm-up and recording: the same side stream, as CUDA graphs need (made at the first)
         self.recordings: OrderedDict = OrderedDict()
         self.seen: set = set()
@@ -120,7 +123,7 @@ class Graphs:
         if recording_key in self.failed or recording_key not in self.seen:
             self.seen.add(recording_key)
             return None
-        while len(self.recordings) >= KEPT:
+        while len(self.recordings) >= self.kept:
             self.recordings.popitem(last=False)
         try:
             made = self._record(loop, x, cond, timesteps, copy.deepcopy(scheduler), warm_up)

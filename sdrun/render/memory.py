@@ -58,13 +58,14 @@ OFFLOADED_UNET_PART_SHARE = 0.10
 
 @dataclass(frozen=True)
 class Placement:
-    """How weights sit on the GPU: all resident (the UNet perhaps in part), one model at a time in the room of the
-    largest (model offload), or streamed part by part (--cpu-offload)."""
+    """How weights sit on the GPU: all resident (the UNet perhaps in part), one model at a time (model offload: in
+    the room of the largest once a CUDA graph replays the denoise), or streamed part by part (--cpu-offload)."""
 
     mode: str  # "resident" | "model" | "layer"
     weight_bytes: int  # bytes per parameter in the compute dtype: 2 for fp16, 4 for fp32
     fp8: dict = field(default_factory=dict)  # component ("unet", "text") -> the share of it stored in fp8
     unet_resident_gib: float | None = None  # partial residency: the UNet's weights kept on the GPU, the rest streamed
+    fixed_addresses: bool = False  # model offload: every model in one arena, held throughout (sdrun/offload.py)
 
 
 def weights_gib(arch: Architecture, placement: Placement, component: str) -> float:
@@ -72,9 +73,10 @@ def weights_gib(arch: Architecture, placement: Placement, component: str) -> flo
     sizes = {"text": arch.text, "unet": arch.unet, "vae": arch.vae}
     if placement.mode == "resident":
         return sum(_resident_gib(sizes, placement, name) for name in sizes)
-    if placement.mode == "model":  # one model at a time, in the room of the largest (sdrun/offload.py's arena)
+    if placement.mode == "model" and placement.fixed_addresses:  # in the room of the largest: the arena
         return max(_component_gib(sizes, placement, name) for name in sizes)
-    share = OFFLOADED_UNET_PART_SHARE if component == "unet" else OFFLOADED_LAYER_SHARE
+    share = 1 if placement.mode == "model" else OFFLOADED_UNET_PART_SHARE if component == "unet" else \
+        OFFLOADED_LAYER_SHARE
     return _component_gib(sizes, placement, component) * share
 
 

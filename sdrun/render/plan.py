@@ -256,14 +256,16 @@ def _check_tiles(settings: Settings, info: ModelInfo) -> None:
 
 
 def _build(run: RunConfig, job, info: ModelInfo, device: str, sizes: Sizes, settings: Settings,
-           budget: float | None) -> RenderPlan:
+           budget: float | None, fixed_addresses: bool = False) -> RenderPlan:
+    """The plan for these settings. Under --model-offload, a denoise replayed from a CUDA graph keeps the models
+    at fixed addresses (sdrun/offload.py's arena): the plan is then built again with them."""
     arch = info.arch
     fp16 = "fp16" in settings.flags
     fp8 = {part: memory.FP8_SHARES[info.family][part]
            for part, flag in (("unet", "fp8"), ("text", "fp8_text_encoders")) if flag in settings.flags}
     placement = memory.Placement("layer" if "cpu_offload" in settings.flags else
                                  "model" if "model_offload" in settings.flags else "resident", 2 if fp16 else 4,
-                                 fp8, settings.unet_resident_gib)
+                                 fp8, settings.unet_resident_gib, fixed_addresses)
     value_bytes = 2 if fp16 else 4
     batch = min(run.batch_size, job.num_images)
     halves = 1 if (settings.exact or job.guidance <= 1) else 2
@@ -318,21 +320,28 @@ def _build(run: RunConfig, job, info: ModelInfo, device: str, sizes: Sizes, sett
     plan = RenderPlan(run.model, info.family, device, settings.flags, tuple(stages), settings.vae_tile,
                       settings.vae_overlap, settings.exact, settings.exact and job.guidance > 1, run.max_vram,
                       unet_resident_gib=resident)
-    if not (cuda and run.cuda_graphs):
+    replayed = [stage for stage in plan.stages if stage.name == "denoise" and _replayed(plan, stage, job, run)]
+    if not replayed:
         return plan
-    return _with_graph_pools(plan, job, memory.weights_gib(arch, placement, "unet"))
+    if placement.mode == "model" and not fixed_addresses:
+        return _build(run, job, info, device, sizes, settings, budget, fixed_addresses=True)
+    return _with_graph_pools(plan, replayed, memory.weights_gib(arch, placement, "unet"))
 
 
-def _with_graph_pools(plan: RenderPlan, job, unet_weights_gib: float) -> RenderPlan:
-    """A denoise replayed from a CUDA graph keeps the memory of its activations (the graph's pool) reserved after
-    it ends: every later stage's peak holds it (graphs.py; a run under --max-vram keeps one recording)."""
+def _replayed(plan: RenderPlan, stage: StagePlan, job, run: RunConfig) -> bool:
     from sdrun.render import graphs
 
+    return plan.device == "cuda" and run.cuda_graphs and graphs.unavailable(plan, stage, job) is None
+
+
+def _with_graph_pools(plan: RenderPlan, replayed: list[StagePlan], unet_weights_gib: float) -> RenderPlan:
+    """A denoise replayed from a CUDA graph keeps the memory of its activations (the graph's pool) reserved after
+    it ends: every later stage's peak holds it (graphs.py; a run under --max-vram keeps one recording)."""
     held, stages = 0.0, []
     for stage in plan.stages:
         stages.append(replace(stage, peak_gib=stage.peak_gib + held) if held and stage.peak_gib is not None
                       else stage)
-        if stage.name == "denoise" and stage.peak_gib is not None and graphs.unavailable(plan, stage, job) is None:
+        if stage in replayed and stage.peak_gib is not None:
             held += stage.peak_gib - unet_weights_gib
     return replace(plan, stages=tuple(stages))
 
