@@ -95,7 +95,24 @@ def widener(device: torch.device):
         ops.load(device)
     except KernelUnavailable as unavailable:
         return torch_widen, f"fp8 weights widened by torch's cast, a third as fast as sdrun's kernel: {unavailable}"
+    if not _widens_like_torch(ops.widen_fp8, device):
+        return torch_widen, ("fp8 weights widened by torch's cast: sdrun's kernel disagreed with it on this GPU "
+                             "(please report it, with `sdrun info`)")
     return ops.widen_fp8, None
+
+
+def _widens_like_torch(widen, device: torch.device) -> bool:
+    """Every e4m3 value, in both compute dtypes and through both of the kernel's paths (16 at a time, and one at a
+    time for an unaligned start and the tail), as torch's cast gives it: once a run, before any weight is
+    widened, so that a kernel miscompiled for some GPU cannot change an image silently."""
+    values = torch.arange(256, dtype=torch.uint8, device=device).repeat(3).view(storage_dtype())
+    for dtype in (torch.float16, torch.bfloat16):
+        for part in (values, values[1:-2]):
+            ours, theirs = widen(part, dtype), part.to(dtype)
+            nan = torch.isnan(theirs)
+            if not (torch.equal(torch.isnan(ours), nan) and torch.equal(ours[~nan], theirs[~nan])):
+                return False
+    return True
 
 
 def store_in_fp8(model: torch.nn.Module, kind: str, compute_dtype: torch.dtype, widen=torch_widen) -> int:

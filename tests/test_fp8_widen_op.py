@@ -81,3 +81,13 @@ def test_bad_inputs_are_refused_by_the_binding():
     # a strided view that is not dense falls back to torch's cast in widen_fp8
     view = fp8_weights(8, 8)[:, ::2]
     assert torch.equal(ops.widen_fp8(view, torch.float16), view.float().half())
+
+
+def test_the_run_time_check_refuses_a_widening_that_differs_from_torch():
+    """fp8_storage checks the kernel once a run against torch's cast; a wrong one is not used."""
+    from sdrun.fp8_storage import _widens_like_torch
+
+    cpu = torch.device("cpu")
+    assert _widens_like_torch(lambda weight, dtype: weight.to(dtype), cpu)
+    assert not _widens_like_torch(lambda weight, dtype: weight.to(dtype) * 1.001, cpu)
+    assert not _widens_like_torch(lambda weight, dtype: weight.to(dtype).nan_to_num(), cpu)
