@@ -22,6 +22,8 @@ Offload rows run fewer steps (--offload-steps) to keep the run short; compare th
     python bench/memory.py                     # both, one after the other
     python bench/memory.py --quick             # fewer steps, one timed image: the script itself
     python bench/memory.py --only 'diffusers float16,sdrun --fp16 --fp8'   # just these rows (both tables)
+    python bench/memory.py --sd15-only --only 'diffusers model offload,sdrun --fp16,sdrun --fp16 --model-offload'
+                                               # issue 9's --model-offload <= 1.1x, beside diffusers' own
     python bench/memory.py --family tiny --xl-family tiny --size 64 --xl-size 64 --quick   # plumbing, any machine
 """
 
