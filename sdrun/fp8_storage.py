@@ -90,11 +90,15 @@ def widener(device: torch.device):
         return torch_widen, None
     from sdrun import ops
     from sdrun.errors import KernelUnavailable
+    from sdrun.ops import _ext
 
     try:
         ops.load(device)
     except KernelUnavailable as unavailable:
         return torch_widen, f"fp8 weights widened by torch's cast, a third as fast as sdrun's kernel: {unavailable}"
+    if _ext.get(device).widen_fp8 is None:
+        return torch_widen, ("fp8 weights widened by torch's cast: the prebuilt kernels predate sdrun's fp8 one; "
+                             "reinstall sdrun (`pip install --no-build-isolation .`) to rebuild them")
     if not _widens_like_torch(ops.widen_fp8, device):
         return torch_widen, ("fp8 weights widened by torch's cast: sdrun's kernel disagreed with it on this GPU "
                              "(please report it, with `sdrun info`)")

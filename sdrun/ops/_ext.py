@@ -144,14 +144,14 @@ def _jit_build(device: torch.device | None):
 
 class _Ops:
     """The kernels' entry points: fwd(q, k, v, scale, variant=0), fwd_out(q, k, v, scale, out, variant=0),
-    bucket(head_dim) and widen_fp8(src, dtype)."""
+    bucket(head_dim) and widen_fp8(src, dtype): None in a prebuilt extension from before it existed."""
 
     def __init__(self, module):
         self.module = module
         self.fwd = torch.ops.sdrun_C.fwd
         self.fwd_out = torch.ops.sdrun_C.fwd_out
         self.bucket = torch.ops.sdrun_C.bucket
-        self.widen_fp8 = torch.ops.sdrun_C.widen_fp8
+        self.widen_fp8 = getattr(torch.ops.sdrun_C, "widen_fp8", None)
 
 
 def get(device: torch.device | None = None) -> _Ops:
