@@ -205,7 +205,8 @@ def main() -> None:
     if not args.sd15_only:
         folder = model_folder(args.xl_family)
         size = args.xl_size
-        sdrun_rows = [(fp16, False), (fp16 + ["--fp8"], False)]
+        # --fp8 --vae-tiling: issue 10's --fp8 <= 6 GiB; SDXL's float32 decode at 1024 holds ~4.7 GiB untiled
+        sdrun_rows = [(fp16, False), (fp16 + ["--fp8"], False), (fp16 + ["--fp8", "--vae-tiling"], False)]
         if CUDA:
             sdrun_rows += [(fp16 + ["--max-vram", str(budget)], False) for budget in (8, 6, 4)]  # 4: partial
         diffusers_rows = [(COMPUTE, resident, False), ("layerwise fp8", layerwise_fp8, False)]
