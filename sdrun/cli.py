@@ -167,8 +167,8 @@ def memory_options(fn):
                       "fit and says which on stderr; a budget no setting reaches is refused before loading.")(fn)
     fn = click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
                       help="Replay the denoising loop from a CUDA graph from the second image of a size on: no "
-                      "launch overhead (up to 1536x1024, not with --cpu-offload or --max-vram; stderr says when "
-                      "not).")(fn)
+                      "launch overhead (up to 1536x1024, not with --cpu-offload, partial residency or "
+                      "--model-offload under --max-vram; stderr says when not).")(fn)
     return fn
 
 

@@ -95,7 +95,8 @@ def widener(device: torch.device):
     try:
         ops.load(device)
     except KernelUnavailable as unavailable:
-        return torch_widen, f"fp8 weights widened by torch's cast, a third as fast as sdrun's kernel: {unavailable}"
+        return torch_widen, ("fp8 weights widened by torch's cast, which runs at a third of the memory bandwidth, "
+                             f"since sdrun's kernel is unavailable: {unavailable}")
     if _ext.get(device).widen_fp8 is None:
         return torch_widen, ("fp8 weights widened by torch's cast: the prebuilt kernels predate sdrun's fp8 one; "
                              "reinstall sdrun (`pip install --no-build-isolation .`) to rebuild them")

@@ -208,7 +208,8 @@ class ModelSwap:
         tensor, home, offset = slot
         if self.arena is None or tensor.dtype != home.dtype:
             return home.to(self.device, dtype=tensor.dtype, non_blocking=True, copy=True)
-        place = self.arena[offset:offset + tensor_bytes(home)].view(home.dtype).view(home.shape)
+        # in the home's strides (a parameter is dense: its span is its size), so --channels-last weights keep theirs
+        place = self.arena[offset:offset + tensor_bytes(home)].view(home.dtype).as_strided(home.shape, home.stride())
         return place.copy_(home, non_blocking=True)
 
 

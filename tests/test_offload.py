@@ -123,8 +123,10 @@ def test_offloads_keep_the_image_on_sdruns_render_path(sdrun, monkeypatch, flag,
 
 
 def swapped_tiny():
-    """The tiny pipeline's three models swapped on the CPU: there the arena is CPU memory, laid out as on a GPU."""
+    """The tiny pipeline's three models swapped on the CPU: there the arena is CPU memory, laid out as on a GPU.
+    The UNet's convolutions in channels-last strides, as --channels-last leaves them, which the arena keeps."""
     pipe = models.build_tiny()
+    pipe.unet.to(memory_format=torch.channels_last)
     swap = offload.ModelSwap(torch.device("cpu"))
     for model in (pipe.text_encoder, pipe.unet, pipe.vae):
         swap.add(model)
@@ -180,6 +182,7 @@ def test_model_swap_brings_a_model_back_to_the_same_addresses_with_its_homes_val
     pipe, swap = swapped_tiny()
     swap.fix_addresses()
     swap.bring(pipe.unet)
+    assert all(slot.tensor.stride() == slot.home.stride() for slot in swap.slots[id(pipe.unet)])
     arena, first = swap.arena, addresses(swap, pipe.unet)
     assert all(in_arena(swap, pipe.unet)) and equal_to_homes(swap, pipe.unet) and not at_home(swap, pipe.unet)
     swap.bring(pipe.vae)
