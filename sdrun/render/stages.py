@@ -185,7 +185,6 @@ def denoise(engine, job, step: StagePlan, canvas: Canvas) -> Canvas:
     with torch.no_grad(), chunked_feed_forward(pipe.unet, plan.chunked_feed_forward):
         recording = _graph_recording(engine, job, step, canvas, timesteps, loop, warm_up)
         if recording is not None:
-            offload.bring_in_fixed(pipe.unet)  # a replay runs no forward whose hook would bring a swapped UNet in
             canvas.latents, first_bad = recording.run(canvas.latents, canvas.cond)
             canvas.graphed = True
             for _ in canvas.timesteps:
@@ -208,8 +207,8 @@ def _graph_recording(engine, job, step: StagePlan, canvas: Canvas, timesteps: sa
         weights = adapters.job_weights(engine.adapters.adapters, job) if engine.adapters is not None else ()
         recording_key = graphs.key(canvas.latents, canvas.cond, job.guidance, job.scheduler, step, canvas.plan,
                                    tuple(weights))
-        if recording_key in engine.graphs.seen:  # recorded now or before: the weights it reads stay where they are
-            offload.bring_in_fixed(engine.pipe.unet)
+        if recording_key in engine.graphs.seen:  # recorded now or before: the weights it reads stay where they are,
+            offload.bring_in_fixed(engine.pipe.unet)  # and a replay runs no forward whose hook would bring them in
         try:
             return engine.graphs.recording(recording_key, loop, canvas.latents, canvas.cond, timesteps,
                                            canvas.scheduler, warm_up)
