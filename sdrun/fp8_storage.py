@@ -101,7 +101,7 @@ def widener(device: torch.device):
         return torch_widen, ("fp8 weights widened by torch's cast: the prebuilt kernels predate sdrun's fp8 one; "
                              "reinstall sdrun (`pip install --no-build-isolation .`) to rebuild them")
     if not _widens_like_torch(ops.widen_fp8, device):
-        return torch_widen, ("fp8 weights widened by torch's cast: sdrun's kernel disagreed with it on this GPU "
+        return torch_widen, ("fp8 weights widened by torch's cast: sdrun's kernel failed or disagreed with it on this GPU "
                              "(please report it, with `sdrun info`)")
     return ops.widen_fp8, None
 
@@ -113,7 +113,10 @@ def _widens_like_torch(widen, device: torch.device) -> bool:
     values = torch.arange(256, dtype=torch.uint8, device=device).repeat(3).view(storage_dtype())
     for dtype in (torch.float16, torch.bfloat16):
         for part in (values, values[1:-2]):
-            ours, theirs = widen(part, dtype), part.to(dtype)
+            try:
+                ours, theirs = widen(part, dtype), part.to(dtype)
+            except RuntimeError:  # e.g. no kernel image for this GPU in a prebuilt extension
+                return False
             nan = torch.isnan(theirs)
             if not (torch.equal(torch.isnan(ours), nan) and torch.equal(ours[~nan], theirs[~nan])):
                 return False

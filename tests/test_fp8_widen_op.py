@@ -34,6 +34,18 @@ def test_on_the_cpu_widen_is_torch_cast():
     assert storage_dtype() == FP8
 
 
+def test_is_dense_matches_torchs_own_definition():
+    """ops.is_dense decides which weights go to the kernel. The reference: torch's empty_like keeps the strides of
+    a non-overlapping dense tensor, and of no other (its result is always dense)."""
+    base = torch.randn(6, 4, 3, 5)
+    views = [base, base.transpose(0, 2), base.to(memory_format=torch.channels_last), base[:, :2], base[::2],
+             base[:1], base[..., 1:], base.expand(2, 6, 4, 3, 5)[0], torch.randn(1, 5).expand(3, 5), base[0, 0, 0, :1],
+             torch.randn(7)[1:], torch.randn(0, 3)]
+    for view in views:
+        assert ops.is_dense(view) == (torch.empty_like(view).stride() == view.stride()), (view.shape, view.stride())
+    assert ops.is_dense(base.transpose(1, 3)) and not ops.is_dense(base[:, ::2])
+
+
 @cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

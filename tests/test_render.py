@@ -161,6 +161,24 @@ def test_sdxl_decode_is_planned_in_float32_as_it_runs():
     assert next(s for s in with_vae_file.stages if s.name == "decode").peak_gib < decode.peak_gib - 2
 
 
+def test_channels_last_decode_is_planned_at_its_measured_share_and_comes_before_streaming():
+    """On an H200, SD 1.5's decode at 512x512 held 612 MiB above the weights in NCHW and 512 in channels-last
+    (memory.CHANNELS_LAST_DECODE_SHARE); `--fp16 --fp8 --channels-last` peaked at 1.71 GiB against 1.87 without it.
+    So a budget that fp8 alone misses by the decode takes channels-last, not partial residency (4x slower)."""
+    info = render_plan.ModelInfo("sd1", 512, 8)
+    job = Job(prompt="x")
+
+    def decode_gib(flags):
+        plan = render_plan.make_plan(RunConfig(flags=flags), job, info, "cuda")
+        return next(stage for stage in plan.stages if stage.name == "decode").peak_gib
+
+    saved = decode_gib(("fp16", "fp8")) - decode_gib(("fp16", "fp8", "channels_last"))
+    assert saved == pytest.approx((612 - 512) / 1024, abs=0.01)
+    fitted = render_plan.make_plan(RunConfig(max_vram=1.9), job, info, "cuda", budget=1.9)
+    assert {"fp8", "channels_last"} <= set(fitted.flags) and fitted.unet_resident_gib is None
+    assert fitted.peak_gib <= 1.9 * render_plan.HEADROOM
+
+
 def test_memory_saving_settings_give_the_same_prediction(tiny_pipe, monkeypatch):
     """Chunked feed-forward and guidance halves one after the other are the "exact" settings --max-vram adds first:
     the denoiser's output must not change beyond rounding."""

@@ -71,9 +71,22 @@ def widen_fp8(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A float8_e4m3fn `weight` in `dtype`, the same values: sdrun's kernel (csrc/fp8_widen.cu; torch's fp8 cast runs
     at a third of the memory bandwidth) for a dense CUDA weight widened to float16 or bfloat16, after load();
     torch's cast for anything else."""
-    if weight.is_cuda and dtype in (torch.float16, torch.bfloat16) and weight.is_non_overlapping_and_dense():
+    if weight.is_cuda and dtype in (torch.float16, torch.bfloat16) and is_dense(weight):
         return _ext.get(weight.device).widen_fp8(weight, dtype)
     return weight.to(dtype)
+
+
+def is_dense(tensor: torch.Tensor) -> bool:
+    """Whether `tensor`'s elements fill one block of memory, each once, in any order of dimensions (contiguous,
+    channels-last, transposed): the binding's is_non_overlapping_and_dense, which torch does not offer in Python."""
+    expected = 1
+    for size, stride in sorted(zip(tensor.shape, tensor.stride()), key=lambda pair: pair[1]):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def supports(head_dim: int, dtype: torch.dtype, device: torch.device) -> str | None:
