@@ -101,8 +101,8 @@ def widener(device: torch.device):
         return torch_widen, ("fp8 weights widened by torch's cast: the prebuilt kernels predate sdrun's fp8 one; "
                              "reinstall sdrun (`pip install --no-build-isolation .`) to rebuild them")
     if not _widens_like_torch(ops.widen_fp8, device):
-        return torch_widen, ("fp8 weights widened by torch's cast: sdrun's kernel failed or disagreed with it on this GPU "
-                             "(please report it, with `sdrun info`)")
+        return torch_widen, ("fp8 weights widened by torch's cast: sdrun's kernel failed or disagreed with it on "
+                             "this GPU (please report it, with `sdrun info`)")
     return ops.widen_fp8, None
 
 

@@ -34,7 +34,7 @@ def test_on_the_cpu_widen_is_torch_cast():
     assert storage_dtype() == FP8
 
 
-def test_is_dense_matches_torchs_own_definition():
+def test_is_dense_is_what_empty_like_keeps():
     """ops.is_dense decides which weights go to the kernel. The reference: torch's empty_like keeps the strides of
     a non-overlapping dense tensor, and of no other (its result is always dense)."""
     base = torch.randn(6, 4, 3, 5)
