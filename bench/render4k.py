@@ -9,6 +9,8 @@ stage beside the measured one (from the PNG's metadata), which is how memory.py'
 
     python bench/render4k.py                 # every row
     python bench/render4k.py --quick         # 4 steps, to check the script itself
+    python bench/render4k.py --skip-peers --also "--channels-last" --also "--fp8"   # each sdrun row again with
+                                             # these flags added (the peers' rows are the same for every variant)
 """
 
 import argparse
@@ -106,6 +108,8 @@ def main() -> None:
     parser.add_argument("--folder", type=Path, default=Path("/tmp/sdrun-bench-sd1"))
     parser.add_argument("--skip-peers", action="store_true")
     parser.add_argument("--rows", help="comma-separated indexes of the sdrun rows to run [all]")
+    parser.add_argument("--also", action="append", default=[],
+                        help="flags to add to every sdrun row, as another row each (repeatable)")
     args = parser.parse_args()
     steps = 4 if args.quick else args.steps
     if not (args.folder / "model_index.json").is_file():
@@ -118,6 +122,8 @@ def main() -> None:
     for label, (seconds, peak, _), cap in rows:
         print(f"| {label} | {seconds:.2f} | {peak:.2f} | {cap:g} |", flush=True)
     chosen = [SDRUN_ROWS[int(i)] for i in args.rows.split(",")] if args.rows else SDRUN_ROWS
+    chosen = [(f"{label} {also}".rstrip(), extra + also.split(), cap)
+              for label, extra, cap in chosen for also in ["", *args.also]]
     for label, extra, cap in chosen:
         try:
             seconds, peak, render = sdrun_row(args.folder, steps, extra, cap)
