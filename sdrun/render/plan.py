@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from sdrun import backends
 from sdrun.config import RunConfig
 from sdrun.errors import UsageError
-from sdrun.render import memory
+from sdrun.render import graphs, memory
 from sdrun.render.tiling import Windows
 
 # What --max-vram may add, in this order: each step costs more speed or changes the image more than the one
@@ -332,8 +332,6 @@ def _build(run: RunConfig, job, info: ModelInfo, device: str, sizes: Sizes, sett
 
 
 def _replayed(plan: RenderPlan, stage: StagePlan, job, run: RunConfig) -> bool:
-    from sdrun.render import graphs
-
     return plan.device == "cuda" and run.cuda_graphs and graphs.unavailable(plan, stage, job) is None
 
 
