@@ -65,12 +65,26 @@ def sdrun_cli(folder: Path, flags: list[str], size: int, steps: int, images: int
         if not CUDA:
             command += ["--device", "cpu"]
         done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
-    if done.returncode != 0:
-        raise RuntimeError((done.stderr.strip().splitlines() or ["exit %d" % done.returncode])[-1])
-    records = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
-    timed = [r for r in records if r.get("status") == "ok"][1:]
+        if done.returncode != 0:
+            raise RuntimeError((done.stderr.strip().splitlines() or ["exit %d" % done.returncode])[-1])
+        records = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+        timed = [r for r in records if r.get("status") == "ok"][1:]
+        print_stages(Path(timed[-1]["path"]))
     peaks = [r["peak_gpu_memory_gb"] for r in timed if r.get("peak_gpu_memory_gb") is not None]
     return min(r["seconds"] for r in timed), max(peaks) if peaks else None
+
+
+def print_stages(image: Path) -> None:
+    """The plan's predicted peak of each stage beside the measured one (the image's metadata), before its row."""
+    from PIL import Image
+
+    with Image.open(image) as png:
+        render = json.loads(png.text["sdrun"])["render"]
+    stages = [f"{stage.split(',')[0]} measured {measured} GiB, predicted {predicted}" for stage, predicted, measured
+              in zip(render["stages"], render["predicted_stage_peaks_gib"], render["measured_peak_gib"])
+              if predicted is not None]
+    if stages:  # CUDA only
+        print("|   " + "; ".join(stages) + " | | | | |", flush=True)
 
 
 def diffusers_row(folder: Path, prepare, size: int, steps: int, repeats: int) -> tuple[float, float | None]:
@@ -205,8 +219,10 @@ def main() -> None:
     if not args.sd15_only:
         folder = model_folder(args.xl_family)
         size = args.xl_size
-        # --fp8 --vae-tiling: issue 10's --fp8 <= 6 GiB; SDXL's float32 decode at 1024 holds ~4.7 GiB untiled
-        sdrun_rows = [(fp16, False), (fp16 + ["--fp8"], False), (fp16 + ["--fp8", "--vae-tiling"], False)]
+        # issue 10's --fp8 <= 6 GiB: SDXL's decode at 1024 holds ~2.4 GiB untiled in bf16 (the default), 4.8 in
+        # float32 (--vae-fp32), 1.8 in bf16 with --channels-last
+        sdrun_rows = [(fp16, False), (fp16 + ["--vae-fp32"], False), (fp16 + ["--fp8"], False),
+                      (fp16 + ["--fp8", "--channels-last"], False), (fp16 + ["--fp8", "--vae-tiling"], False)]
         if CUDA:
             sdrun_rows += [(fp16 + ["--max-vram", str(budget)], False) for budget in (8, 6, 4)]  # 4: partial
         diffusers_rows = [(COMPUTE, resident, False), ("layerwise fp8", layerwise_fp8, False)]

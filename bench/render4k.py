@@ -9,7 +9,7 @@ stage beside the measured one (from the PNG's metadata), which is how memory.py'
 
     python bench/render4k.py                 # every row
     python bench/render4k.py --quick         # 4 steps, to check the script itself
-    python bench/render4k.py --skip-peers --also "--channels-last" --also "--fp8"   # each sdrun row again with
+    python bench/render4k.py --skip-peers --also=--channels-last --also=--fp8   # each sdrun row again with
                                              # these flags added (the peers' rows are the same for every variant)
 """
 

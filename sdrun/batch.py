@@ -419,7 +419,7 @@ def metadata(engine, run: RunConfig, plan, item: Item, notes: DecodeNotes) -> di
         "device": engine.device.type,
         "batch_size": run.batch_size,
         "render": plan.record(),
-        "decode": {"vae_fp32": notes.vae_fp32, "nan_retry": notes.nan_retry, "tiled_retry": notes.tiled_retry},
+        "decode": notes.record(),
         "versions": {"sdrun": sdrun.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
                      "transformers": transformers.__version__},
         **run.extra,

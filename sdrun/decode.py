@@ -46,7 +46,7 @@ def decode_file(path: str, target: str | None, overwrite: bool, given: RunConfig
     images = engine.pipe.image_processor.postprocess(pixels.float(), output_type="pil")
     # the job's keys as checked, so the PNG's parameters text has each (an optional one missing: its default)
     meta.update({key: value for key, value in job_record(job).items() if key in REPLAY_KEYS})
-    meta["decode"] = {"vae_fp32": notes.vae_fp32, "nan_retry": notes.nan_retry, "tiled_retry": False}
+    meta["decode"] = notes.record()
     meta["decoded_from"] = str(path)
     meta["decode_flags"] = list(engine.flags)
     output.save_png(images[0], image_path, meta, overwrite)

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sdrun import backends, ops
+from sdrun.backends import vae_fp32
 from sdrun.ops.processor import COVERAGE
 from sdrun.render import graphs
 
@@ -53,10 +54,19 @@ def rows(selftest: bool) -> list[tuple[str, str]]:
         if os.environ.get(name):
             table.append((name, os.environ[name]))
     table.append(("cuda graphs", graphs.availability(device)))
+    table.append(("sdxl vae", _sdxl_vae(device)))
     for backend in backends.BACKENDS:
         reasons = backend.unavailable_reasons(device)
         table.append((backend.flag, "usable" if not reasons else "unavailable: " + "; ".join(reasons)))
     return table
+
+
+def _sdxl_vae(device: torch.device) -> str:
+    """The dtype SDXL's own VAE computes in with --fp16 (render/stages.vae_dtype), and why."""
+    if vae_fp32.native_bf16(device):
+        return "bfloat16 with --fp16 (this GPU computes it natively; --vae-fp32: float32)"
+    why = "no CUDA GPU is visible to torch" if device.type != "cuda" else "this GPU has no native bfloat16 (sm_80+)"
+    return f"float32 with --fp16: {why} (it overflows fp16; a fixed fp16 VAE given with --vae decodes in fp16)"
 
 
 def report(selftest: bool = True) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from sdrun import adapters, backends, lora_file, models, vae_file
+from sdrun.backends import vae_fp32
 from sdrun.config import RunConfig
 from sdrun.errors import UsageError
 from sdrun.render.graphs import KEPT, KEPT_UNDER_MAX_VRAM, Graphs
@@ -44,6 +45,10 @@ class Engine:
         if self.note is not None and message not in self.warned:
             self.warned.add(message)
             self.note(message)
+
+    @property
+    def native_bf16(self) -> bool:
+        return vae_fp32.native_bf16(self.device)
 
     @property
     def native_size(self) -> tuple[int, int]:
@@ -182,8 +187,10 @@ def _partial_residency(plans, flags: tuple[str, ...]) -> float | None:
 
 def _plan_jobs(run: RunConfig, setup: RunSetup, info: ModelInfo, jobs: list) -> dict:
     budget = run.max_vram if run.max_vram is not None else device_memory_gib(setup.device)
+    bf16 = not torch.cuda.is_available() or vae_fp32.native_bf16(setup.device)  # no GPU here: plan for a recent one
     return {job: make_plan(run, job, info, setup.device.type,
-                           image_size(job.init_image) if job.init_image else None, budget, setup.unet_resident_gib)
+                           image_size(job.init_image) if job.init_image else None, budget, setup.unet_resident_gib,
+                           bf16)
             for job in jobs}
 
 

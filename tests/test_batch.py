@@ -122,16 +122,16 @@ def inject_decode(monkeypatch, failures):
     """Make the VAE decode fail in the given ways, in order: 'oom' unless tiled, 'nan' once, 'nan' always."""
     real = stages._vae_decode
 
-    def fake(vae, latents, fp32, tiles, notes):
+    def fake(vae, latents, dtype, tiles, notes):
         kind = failures[0] if failures else None
         if kind == "oom-untiled" and tiles is None:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected)")
         if kind == "nan-once":
             failures.pop(0)
-            return torch.full_like(real(vae, latents, fp32, tiles, notes), float("nan"))
+            return torch.full_like(real(vae, latents, dtype, tiles, notes), float("nan"))
         if kind == "nan-always":
-            return torch.full_like(real(vae, latents, fp32, tiles, notes), float("nan"))
-        return real(vae, latents, fp32, tiles, notes)
+            return torch.full_like(real(vae, latents, dtype, tiles, notes), float("nan"))
+        return real(vae, latents, dtype, tiles, notes)
 
     monkeypatch.setattr(stages, "_vae_decode", fake)
     return real

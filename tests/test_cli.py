@@ -87,7 +87,7 @@ def test_metadata_round_trips_in_a1111_and_sdrun_chunks(sdrun):
     assert set(meta["versions"]) == {"sdrun", "torch", "diffusers", "transformers"}
 
 
-@pytest.mark.parametrize("flag", ["--vae-slicing", "--vae-tiling", "--channels-last"])
+@pytest.mark.parametrize("flag", ["--vae-slicing", "--vae-tiling", "--channels-last", "--vae-fp32"])
 def test_cpu_flags_give_an_image_close_to_flag_off(sdrun, flag):
     # 128x128 so that tiling really splits the tiny VAE's 64-pixel tiles; batch 2 so that slicing really slices
     common = ("a river", *TINY, "--seed", "4", "-W", "128", "-H", "128", "-n", "2", "--batch-size", "2")

@@ -72,3 +72,51 @@ def test_fp8_unet_error_is_bounded_and_no_worse_than_layerwise_casting():
     # H200, 0.14 and 0.16 on the CPU's smaller 32x32 case; an unrelated output would be about 1.4 (sqrt 2).
     assert torch.isfinite(ours).all() and error["sdrun"] < 0.6
     assert error["sdrun"] <= error["diffusers"] * 1.05
+
+
+def test_sdxl_vae_decodes_in_bf16_at_half_the_float32_memory_and_close_to_it():
+    """SDXL's own VAE (force_upcast) through the decode stage at 1024x1024: by default in bfloat16 on this GPU,
+    with --vae-fp32 in float32. The VAE's last layer of every residual branch is scaled down, so that random
+    weights behave like trained ones (bench/tiled_vae.py: a fully random VAE is chaotic, and any rounding moves its
+    output by its whole range)."""
+    from diffusers import AutoencoderKL
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.resnet import ResnetBlock2D
+
+    from sdrun import models, pipeline
+    from sdrun.render import stages
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(models.CONFIGS / "sdxl" / "vae"))
+    with torch.no_grad():
+        for module in vae.modules():
+            if isinstance(module, ResnetBlock2D):
+                module.conv2.weight.mul_(0.2)
+            elif isinstance(module, Attention):
+                module.to_out[0].weight.mul_(0.2)
+    pipe = models.build_tiny()
+    pipe.vae = vae.half().eval()
+    assert vae.config.force_upcast
+    latents = torch.randn(1, 4, 128, 128, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    device = torch.device("cuda")
+
+    def decode(flags):
+        engine = pipeline.Engine(pipe, device, flags, "sdxl", "sdxl", "sdxl", None, pipe.scheduler)
+        notes = stages.DecodeNotes()
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        pixels = stages.decode_latents(engine, latents, None, notes).float()
+        return pixels, (torch.cuda.max_memory_allocated() - start) / 2**30, notes
+
+    exact, fp32_gib, notes = decode(("vae_fp32",))
+    assert notes.vae_dtype == "float32"
+    pixels, bf16_gib, notes = decode(())
+    assert notes.vae_dtype == "bfloat16" and not notes.nan_retry and vae.dtype == torch.float16
+    levels = ((pixels.clamp(-1, 1) - exact.clamp(-1, 1)) * 127.5).abs()
+    print(f"decode above the weights: bf16 {bf16_gib:.2f} GiB, fp32 {fp32_gib:.2f} GiB; error in 8-bit levels: "
+          f"mean {levels.mean().item():.3f}, max {levels.max().item():.1f}")
+    assert bf16_gib <= 0.6 * fp32_gib
+    assert levels.mean() <= 1.5 and levels.max() <= 12

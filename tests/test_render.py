@@ -148,17 +148,22 @@ def test_max_vram_below_every_setting_is_refused_and_a_fitting_one_adds_settings
     assert roomy.added == () and not roomy.chunked_feed_forward
 
 
-def test_sdxl_decode_is_planned_in_float32_as_it_runs():
-    """SDXL's own VAE decodes in float32 (stages.decode_latents). On an H200, `sdrun --fp16` SDXL at 1024x1024
-    peaked at 11.56 GiB in its decode (docs/benchmarks.md); planned at fp16 values it was predicted 23% low, and
-    --max-vram 8 then ran out of memory in its decode. A --vae file decodes in fp16 first."""
+def test_sdxl_decode_is_planned_in_the_dtype_it_runs_in():
+    """SDXL's own VAE decodes in float32 without native bf16 or with --vae-fp32 (stages.vae_dtype). On an H200,
+    `sdrun --fp16` SDXL at 1024x1024 so peaked at 11.56 GiB in its decode (docs/benchmarks.md); planned at fp16
+    values it was predicted 23% low, and --max-vram 8 then ran out of memory in its decode. In bfloat16 (a GPU
+    that computes it natively) and from a --vae file (fp16 first), its activations take half as much."""
     info = render_plan.ModelInfo("sdxl", 1024, 8)
     job = Job(prompt="x", width=1024, height=1024)
-    plan = render_plan.make_plan(RunConfig(flags=("fp16",)), job, info, "cuda")
-    decode = next(stage for stage in plan.stages if stage.name == "decode")
-    assert abs(decode.peak_gib - 11.56) <= 0.15 * 11.56
-    with_vae_file = render_plan.make_plan(RunConfig(flags=("fp16",), vae="fixed.safetensors"), job, info, "cuda")
-    assert next(s for s in with_vae_file.stages if s.name == "decode").peak_gib < decode.peak_gib - 2
+
+    def decode_gib(native_bf16=True, **run):
+        plan = render_plan.make_plan(RunConfig(**{"flags": ("fp16",), **run}), job, info, "cuda",
+                                     native_bf16=native_bf16)
+        return next(stage for stage in plan.stages if stage.name == "decode").peak_gib
+
+    fp32 = decode_gib(native_bf16=False)
+    assert abs(fp32 - 11.56) <= 0.15 * 11.56 and decode_gib(flags=("fp16", "vae_fp32")) == fp32
+    assert decode_gib() < fp32 - 2 and decode_gib(vae="fixed.safetensors") < fp32 - 2
 
 
 def test_channels_last_decode_is_planned_at_its_measured_share_and_comes_before_streaming():
@@ -226,3 +231,18 @@ def test_sdxl_text_to_image_equals_diffusers_and_hires_refines_at_the_target(sdr
     assert result.exit_code == 0, result
     with Image.open("xl-hires.png") as image:
         assert image.size == (128, 96)
+
+
+def test_guidance_halves_come_after_fp8_where_one_pass_does_not_fill_the_gpu():
+    """On an H200, SDXL at 1024x1024 under --max-vram 8 took 1.75 s with the guidance halves one after the other and
+    VAE tiles, 1.50 s with fp8 alone (1.41 s with no budget): at <= 128x128 latents the "exact" settings come after
+    fp8 and channels-last. At 4K one image's pass fills the GPU, and they stay first (the same image)."""
+    sdxl = render_plan.ModelInfo("sdxl", 1024, 8)
+    fitted = render_plan.make_plan(RunConfig(max_vram=8, flags=("fp16",)), Job(prompt="x", width=1024, height=1024),
+                                   sdxl, "cuda", budget=8)
+    assert fitted.added == ("fp8",) and not fitted.sequential_guidance and fitted.peak_gib <= 8 * render_plan.HEADROOM
+    names = [name for name, _why in render_plan.escalation(render_plan.Sizes((1024, 1024), None), sdxl)]
+    assert names.index("exact") == names.index("partial") - 1 and names.index("fp8") < names.index("exact")
+    sd1 = render_plan.ModelInfo("sd1", 512, 8)
+    assert render_plan.escalation(render_plan.Sizes((3840, 2160), None), sd1) == render_plan.ESCALATION
+    assert render_plan.escalation(render_plan.Sizes((512, 512), (3840, 2160)), sd1) == render_plan.ESCALATION

@@ -8,10 +8,11 @@ Order, and why:
 5. fp8_text_encoders  (xformers reads the weights' dtype to pick its compute dtype), and before the offloads:
                  their hooks must wrap the final fp8 tensors, and sequential offload then moves 1 byte a weight.
 6. vae_slicing    VAE settings: independent of placement.
-7. vae_tiling     render settings only (the decode stage tiles, the denoise stage windows): nothing on the
-8. tiled_diffusion  pipeline, so their place in the order is free; they sit with the other render settings.
-9. cpu_offload    placement: installs accelerate hooks and moves the model itself, instead of pipe.to(device);
-10. model_offload so the offloads come last (diffusers: enable_model_cpu_offload moves the pipeline to CPU).
+7. vae_fp32       render settings only (the decode stage picks its dtype and tiles, the denoise stage windows):
+8. vae_tiling     nothing on the pipeline, so their place in the order is free; they sit with the other render
+9. tiled_diffusion  settings.
+10. cpu_offload   placement: installs accelerate hooks and moves the model itself, instead of pipe.to(device);
+11. model_offload so the offloads come last (diffusers: enable_model_cpu_offload moves the pipeline to CPU).
 
 No torch import here: the CLI reads this registry to build its options before torch loads.
 """
@@ -24,6 +25,7 @@ from sdrun.backends import (
     fp16,
     model_offload,
     tiled_diffusion,
+    vae_fp32,
     vae_slicing,
     vae_tiling,
     xformers,
@@ -32,8 +34,8 @@ from sdrun.backends.base import Backend
 from sdrun.errors import BackendUnavailable, UsageError
 
 BACKENDS: tuple[Backend, ...] = tuple(
-    module.BACKEND for module in (fp16, channels_last, xformers, fp8, fp8_text_encoders, vae_slicing, vae_tiling,
-                                   tiled_diffusion, cpu_offload, model_offload)
+    module.BACKEND for module in (fp16, channels_last, xformers, fp8, fp8_text_encoders, vae_slicing, vae_fp32,
+                                   vae_tiling, tiled_diffusion, cpu_offload, model_offload)
 )
 BY_NAME = {backend.name: backend for backend in BACKENDS}
 

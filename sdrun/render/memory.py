@@ -28,8 +28,9 @@ class Architecture:
 # Measured on an H200 (bench/render4k.py, 2026-12-01, SD 1.5, fp16, 3840x2160): the denoise stage peaked at
 # 8,550-9,250 activation values per latent pixel and batch entry (whole canvas at batch 2; 64-latent windows at
 # batches of 16 and 8), 5,600 with the feed-forward chunked; a tiled decode at 1,220 per pixel of one 512-pixel
-# tile plus the float32 result. SD 2.x scales SD 1.x by its narrower heads; SDXL's figures are estimates not yet
-# measured (no attention at its full-resolution level: fewer values per latent pixel).
+# tile plus the float32 result. SD 2.x scales SD 1.x by its narrower heads; SDXL's figures are estimates (no
+# attention at its full-resolution level: fewer values per latent pixel) that predicted its stages' peaks at
+# 1024x1024 3-11% high (bench/memory.py, docs/benchmarks.md: fourth session).
 ARCHITECTURES = {
     "tiny": Architecture(0.99, 0.66, 1.60, 600, 400, 300, 150),
     "sd1": Architecture(859.5, 83.7, 123.1, 8800, 5600, 1220, 600),

@@ -31,6 +31,11 @@ ESCALATION = (
     ("model_offload", "only the model in use on the GPU"),
     ("cpu_offload", "each layer on the GPU only while it runs"),
 )
+# Where one image's UNet pass does not fill the GPU, the guidance halves one after the other cost time: on an H200,
+# SDXL at 1024x1024 (128x128 latents) under --max-vram 8 took 1.75 s with them and VAE tiles, 1.50 s with fp8
+# alone (1.41 s unconstrained). Up to this many latents "exact" comes after fp8 and channels-last (which is faster
+# at 512x512), just before streaming; above it (4K: 480x270 latents, a pass that fills the GPU), first.
+SMALL_DENOISE_LATENTS = 128 * 128
 HEADROOM = 0.92  # plan to this share of the budget: the allocator's fragmentation and cuDNN workspaces need the rest
 WINDOW_BATCHES = (16, 8, 4, 2, 1)
 
@@ -170,23 +175,26 @@ class Settings:
     vae_tile: int
     vae_overlap: int
     unet_resident_gib: float | None = None  # partial residency; None: the UNet is placed whole (or offloaded)
+    native_bf16: bool = True  # the GPU computes bfloat16 in hardware (vae_fp32.native_bf16): SDXL's VAE uses it
 
 
 def make_plan(run: RunConfig, job, info: ModelInfo, device: str, init_size=None,
-              budget: float | None = None, unet_resident_gib: float | None = None) -> RenderPlan:
+              budget: float | None = None, unet_resident_gib: float | None = None,
+              native_bf16: bool = True) -> RenderPlan:
     """The plan for one job. `budget` (GiB) is --max-vram, or the GPU's memory when none was given (then only
     exact settings and the window batch are chosen for it). `unet_resident_gib` fixes partial residency (the run
-    loads the model once, with the smallest share any of its jobs needs)."""
+    loads the model once, with the smallest share any of its jobs needs). `native_bf16`: the GPU computes bfloat16
+    in hardware (a plan for a GPU not present assumes so)."""
     options = run.backend_options
     settings = Settings(backends.ordered(run.flags), False, _latents(options.get("window_size"), info),
                         _latents(options.get("window_overlap"), info), options.get("window_batch"),
-                        *backends.vae_tiles(options), unet_resident_gib)
+                        *backends.vae_tiles(options), unet_resident_gib, native_bf16)
     _check_tiles(settings, info)
     sizes = job_sizes(job, info, init_size)
     plan = _build(run, job, info, device, sizes, settings, budget)
     if device != "cuda" or budget is None or plan.peak_gib <= budget * HEADROOM:
         return plan
-    steps = ESCALATION if run.max_vram is not None else ESCALATION[:1]
+    steps = escalation(sizes, info) if run.max_vram is not None else ESCALATION[:1]
     added = []
     for name, _why in steps:
         if name == "exact":
@@ -212,6 +220,16 @@ def make_plan(run: RunConfig, job, info: ModelInfo, device: str, init_size=None,
                      f"{sizes.base[1]}" + (f" -> {sizes.hires[0]}x{sizes.hires[1]}" if sizes.hires else "")
                      + f" (at least {plan.peak_gib / HEADROOM:.1f} GiB with every memory setting on): give a larger "
                      "--max-vram, or a smaller size")
+
+
+def escalation(sizes: Sizes, info: ModelInfo) -> tuple[tuple[str, str], ...]:
+    """ESCALATION in the order --max-vram tries it for these sizes (SMALL_DENOISE_LATENTS)."""
+    largest = max(width * height for width, height in (sizes.base, sizes.hires or sizes.base)) // info.vae_scale ** 2
+    if largest > SMALL_DENOISE_LATENTS:
+        return ESCALATION
+    exact, rest = ESCALATION[0], ESCALATION[1:]
+    at = [name for name, _why in rest].index("partial")
+    return rest[:at] + (exact,) + rest[at:]
 
 
 def _without_the_unneeded(run: RunConfig, job, info: ModelInfo, device: str, sizes: Sizes, settings: Settings,
@@ -278,11 +296,13 @@ def _build(run: RunConfig, job, info: ModelInfo, device: str, sizes: Sizes, sett
     def peak(component: str, activations: float) -> float | None:
         return memory.weights_gib(arch, placement, component) + activations if cuda else None
 
-    # SDXL's own VAE decodes in float32 from fp16 weights (stages.decode_latents: it overflows fp16): its
-    # activations take 4 bytes a value, and its float32 weights sit beside the fp16 ones being replaced
-    vae_upcast = fp16 and info.family == "sdxl" and run.vae is None
-    vae_bytes = 4 if vae_upcast else value_bytes
-    vae_upcast_gib = arch.vae * 1e6 * 4 / memory.GIB if vae_upcast else 0.0
+    # the decode's dtype (stages.vae_dtype): float32 with --vae-fp32; SDXL's own VAE (it overflows fp16) in
+    # bfloat16 on a GPU with native bf16, else float32. Cast from fp16 weights, its activations take that many bytes
+    # a value, and its cast weights sit beside the fp16 ones being replaced
+    sdxl_own_vae = fp16 and info.family == "sdxl" and run.vae is None
+    vae_bytes = 4 if "vae_fp32" in settings.flags else (2 if settings.native_bf16 else 4) if sdxl_own_vae \
+        else value_bytes
+    vae_upcast_gib = arch.vae * 1e6 * vae_bytes / memory.GIB if vae_bytes != value_bytes or sdxl_own_vae else 0.0
 
     def vae_stage(name: str, size: tuple[int, int], tiled: bool) -> StagePlan:
         pixels = size[0] * size[1]

@@ -37,8 +37,14 @@ class DecodeNotes:
     """How the decodes went, for the image metadata."""
 
     vae_fp32: bool = False  # decoded in float32, wholly or some tiles, although the model is fp16 (SDXL, NaN retry)
+    vae_dtype: str | None = None  # what the last decode computed in ("bfloat16": SDXL's own VAE on a bf16 GPU)
     nan_retry: bool = False  # a decode (or a tile of it) gave NaN, or an image came out black, and was redone in fp32
     tiled_retry: bool = False  # a decode ran out of memory and was redone in tiles
+
+    def record(self) -> dict:
+        """For the metadata's "decode" object."""
+        return {"vae_fp32": self.vae_fp32, "vae_dtype": self.vae_dtype, "nan_retry": self.nan_retry,
+                "tiled_retry": self.tiled_retry}
 
 
 @dataclass(frozen=True)
@@ -114,14 +120,17 @@ def load_image(engine, job, step: StagePlan, canvas: Canvas) -> Canvas:
 
 
 def encode_image(engine, job, step: StagePlan, canvas: Canvas) -> Canvas:
-    """Pixels -> latents: the mean of the VAE's latent distribution, in the UNet's latent space."""
+    """Pixels -> latents: the mean of the VAE's latent distribution, in the UNet's latent space, computed in
+    `vae_dtype`'s dtype (SDXL's own VAE overflows fp16 encoding too), redone in float32 if not finite."""
     vae = engine.pipe.vae
-    pixels = canvas.pixels.to(get_module_execution_device(vae), vae.dtype)
-    with torch.no_grad():
-        if step.tiled:
-            parameters = shared_norm_tiles.encode(vae, pixels, canvas.plan.vae_tile, canvas.plan.vae_overlap)
-        else:
-            parameters = vae.encode(pixels).latent_dist.parameters
+    dtype = vae_dtype(engine)
+    parameters = _vae_encode(vae, canvas.pixels, dtype, canvas.plan if step.tiled else None)
+    if not torch.isfinite(parameters).all() and dtype != torch.float32:
+        canvas.notes.nan_retry = canvas.notes.vae_fp32 = True
+        parameters = _vae_encode(vae, canvas.pixels, torch.float32, canvas.plan if step.tiled else None)
+    if not torch.isfinite(parameters).all():
+        raise RenderFailed("the VAE's encoder produced NaN from the init image even in float32: the model's VAE "
+                           "weights are likely broken")
     mean = parameters[:, : parameters.shape[1] // 2].float()
     canvas.latents = _latent_scaling(vae, mean, to_unet=True).to(canvas.device, engine.pipe.unet.dtype)
     canvas.pixels = None
@@ -219,22 +228,49 @@ def _graph_recording(engine, job, step: StagePlan, canvas: Canvas, timesteps: sa
 
 
 def decode(engine, job, step: StagePlan, canvas: Canvas) -> Canvas:
-    """Latents -> pixels, with the fallbacks: out of memory -> keep the latents (hook) and decode in tiles."""
+    """Latents -> pixels, with the fallbacks: out of memory -> the memory CUDA graph recordings hold, back for the
+    rest of the run, then keep the latents (hook) and decode in tiles."""
+    tiles = _tiles(canvas.plan) if step.tiled else None
     try:
-        canvas.pixels = decode_latents(engine, canvas.latents, _tiles(canvas.plan) if step.tiled else None,
-                                       canvas.notes)
+        canvas.pixels = decode_latents(engine, canvas.latents, tiles, canvas.notes)
+        return canvas
     except torch.OutOfMemoryError:
-        if step.tiled:
-            raise DecodeOutOfMemory("out of GPU memory decoding even in VAE tiles") from None
-        if canvas.hooks.on_decode_oom is not None:
-            canvas.hooks.on_decode_oom(canvas.latents)
-        if canvas.device.type == "cuda":
-            torch.cuda.empty_cache()
-        canvas.notes.tiled_retry = True
-        try:
-            canvas.pixels = decode_latents(engine, canvas.latents, _tiles(canvas.plan), canvas.notes)
-        except torch.OutOfMemoryError:
-            raise DecodeOutOfMemory("out of GPU memory decoding even in VAE tiles") from None
+        if not _graphs_given_up(engine):
+            return _decode_on_less_memory(engine, step, canvas)
+    try:  # the same decode, with the recordings' memory pools back
+        canvas.pixels = decode_latents(engine, canvas.latents, tiles, canvas.notes)
+        return canvas
+    except torch.OutOfMemoryError:
+        return _decode_on_less_memory(engine, step, canvas)
+
+
+def _graphs_given_up(engine) -> bool:
+    """Drop the run's CUDA graph recordings, whose memory pools stay reserved between replays, and record no more
+    (under a tight --max-vram the allocator's rounding of two pools can take the decode's last 100 MiB); False
+    when none are held."""
+    if engine.graphs is None or not engine.graphs.recordings:
+        return False
+    engine.graphs.release()
+    engine.graphs = None
+    torch.cuda.empty_cache()
+    engine.warn("sdrun: CUDA graphs off for the rest of this run: the decode needed the memory their recording "
+                "holds (a larger --max-vram keeps them)")
+    return True
+
+
+def _decode_on_less_memory(engine, step: StagePlan, canvas: Canvas) -> Canvas:
+    """The decode ran out of memory: keep the latents (hook), then decode in tiles."""
+    if step.tiled:
+        raise DecodeOutOfMemory("out of GPU memory decoding even in VAE tiles") from None
+    if canvas.hooks.on_decode_oom is not None:
+        canvas.hooks.on_decode_oom(canvas.latents)
+    if canvas.device.type == "cuda":
+        torch.cuda.empty_cache()
+    canvas.notes.tiled_retry = True
+    try:
+        canvas.pixels = decode_latents(engine, canvas.latents, _tiles(canvas.plan), canvas.notes)
+    except torch.OutOfMemoryError:
+        raise DecodeOutOfMemory("out of GPU memory decoding even in VAE tiles") from None
     return canvas
 
 
@@ -255,28 +291,49 @@ def _tiles(plan: RenderPlan) -> tuple[int, int]:
     return plan.vae_tile, plan.vae_overlap
 
 
-def decode_latents(engine, latents: torch.Tensor, tiles: tuple[int, int] | None, notes: DecodeNotes):
-    """Latents -> pixels in [-1, 1], in VAE tiles of (size, overlap) image pixels when `tiles` is given.
+def _vae_encode(vae, pixels: torch.Tensor, dtype: torch.dtype, tiled_plan: RenderPlan | None) -> torch.Tensor:
+    """The encoder's latent-distribution parameters, in the plan's VAE tiles when given."""
+    with _computing_in(vae, dtype), torch.no_grad():
+        pixels = pixels.to(get_module_execution_device(vae), dtype)
+        if tiled_plan is not None:
+            return shared_norm_tiles.encode(vae, pixels, tiled_plan.vae_tile, tiled_plan.vae_overlap)
+        return vae.encode(pixels).latent_dist.parameters
 
-    An fp16 VAE decodes in fp16, and a decoder call whose output is not finite (the whole image, or one tile of a
-    tiled decode) is redone in fp32, that call only. The exception is a VAE known to overflow: SDXL's own VAE,
-    whose config says force_upcast, gives NaN in fp16 on real images (the reason the fp16-fix VAE exists, whose
-    config says force_upcast false), so it decodes in fp32 from the start instead of paying for an fp16 pass it
-    would throw away. A --vae file has no config of its own, so it is tried in fp16 (vae_file.py). SD 1.x/2.x
-    VAEs carry force_upcast too but decode fine in fp16, as diffusers' own SD pipeline does (upcasting them cost
-    0.75 GiB at 512x512 and 2.5 GiB at 1024x1024 on an H200). An all-black output is decoded again in fp32."""
+
+def decode_latents(engine, latents: torch.Tensor, tiles: tuple[int, int] | None, notes: DecodeNotes):
+    """Latents -> pixels in [-1, 1], in VAE tiles of (size, overlap) image pixels when `tiles` is given, in
+    `vae_dtype`'s dtype. A decoder call whose output is not finite (the whole image, or one tile of a tiled
+    decode) is redone in float32, that call only; an all-black output is decoded again in float32."""
     if not torch.isfinite(latents).all():
         raise RenderFailed("the denoiser produced NaN/inf latents" + _nan_advice(engine))
     vae = engine.pipe.vae
-    fp32 = vae.dtype == torch.float16 and engine.family == "sdxl" and bool(getattr(vae.config, "force_upcast", False))
-    pixels = _vae_decode(vae, latents, fp32, tiles, notes)
+    dtype = vae_dtype(engine)
+    pixels = _vae_decode(vae, latents, dtype, tiles, notes)
     if not torch.isfinite(pixels).all() or bool((pixels <= -1).all()):
-        notes.nan_retry = fp32 = True
-        pixels = _vae_decode(vae, latents, fp32, tiles, notes)
+        notes.nan_retry, dtype = True, torch.float32
+        pixels = _vae_decode(vae, latents, dtype, tiles, notes)
         if not torch.isfinite(pixels).all():
             raise RenderFailed("the VAE produced NaN even in float32: the model's VAE weights are likely broken")
-    notes.vae_fp32 |= fp32 and vae.dtype != torch.float32
+    notes.vae_fp32 |= dtype == torch.float32 and vae.dtype != torch.float32
+    notes.vae_dtype = str(dtype).removeprefix("torch.")
     return pixels
+
+
+def vae_dtype(engine) -> torch.dtype:
+    """What the VAE decodes and encodes in (plan._build predicts the same): float32 with --vae-fp32. SDXL's own VAE, whose
+    config says force_upcast, gives NaN in fp16 on real images (the reason the fp16-fix VAE exists, whose config
+    says force_upcast false): it decodes in bfloat16, which has float32's range at fp16's memory, where the GPU
+    computes bf16 natively (on an H200 at 1024x1024: 2.4 against 4.9 GiB above the weights, 88 against 117 ms,
+    0.5/255 from float32's pixels on average; ComfyUI and Forge do the same), else in float32. Any other VAE
+    decodes in its own dtype: a --vae file has no config of its own, so it is tried in fp16 (vae_file.py), and SD
+    1.x/2.x VAEs carry force_upcast too but decode fine in fp16, as diffusers' own SD pipeline does (upcasting them
+    cost 0.75 GiB at 512x512 and 2.5 GiB at 1024x1024 on an H200)."""
+    vae = engine.pipe.vae
+    if "vae_fp32" in engine.flags:
+        return torch.float32
+    if vae.dtype == torch.float16 and engine.family == "sdxl" and bool(getattr(vae.config, "force_upcast", False)):
+        return torch.bfloat16 if engine.native_bf16 else torch.float32
+    return vae.dtype
 
 
 def _nan_advice(engine) -> str:
@@ -286,23 +343,30 @@ def _nan_advice(engine) -> str:
     return " in float32, which points at broken model weights: check the model file (`sdrun info` shows versions)"
 
 
-def _vae_decode(vae, latents: torch.Tensor, fp32: bool, tiles: tuple[int, int] | None,
+def _vae_decode(vae, latents: torch.Tensor, dtype: torch.dtype, tiles: tuple[int, int] | None,
                 notes: DecodeNotes) -> torch.Tensor:
-    """Decode (in tiles when given), temporarily in float32 if asked, else with overflowing calls redone in it."""
-    dtype = vae.dtype
-    if fp32:
-        vae.to(dtype=torch.float32)
-    try:
+    """Decode (in tiles when given) in `dtype`; below float32, a call that overflows is redone in float32."""
+    with _computing_in(vae, dtype):
         scaled = _latent_scaling(vae, latents.float(), to_unet=False)
-        scaled = scaled.to(get_module_execution_device(vae), torch.float32 if fp32 else dtype)
-        guard = _upcast_overflowing(vae.decoder, notes) if vae.dtype != torch.float32 else contextlib.nullcontext()
+        scaled = scaled.to(get_module_execution_device(vae), dtype)
+        guard = _upcast_overflowing(vae.decoder, notes) if dtype != torch.float32 else contextlib.nullcontext()
         with torch.no_grad(), guard:
             if tiles is not None:
                 return shared_norm_tiles.decode(vae, scaled, *tiles)
             return vae.decode(scaled, return_dict=False)[0]
+
+
+@contextlib.contextmanager
+def _computing_in(vae, dtype: torch.dtype):
+    """The VAE's weights in `dtype` for the block only: they stay stored as loaded (fp16 beside an fp16 UNet)."""
+    stored = vae.dtype
+    if dtype != stored:
+        vae.to(dtype=dtype)
+    try:
+        yield
     finally:
-        if fp32:
-            vae.to(dtype=dtype)
+        if dtype != stored:
+            vae.to(dtype=stored)
 
 
 @contextlib.contextmanager
