@@ -25,7 +25,8 @@ from sdrun import adapters, backends, hashes, output, pipeline, targets
 from sdrun.config import MAX_IMAGES, Job, RunConfig, job_from_mapping, job_record, validate, with_seed
 from sdrun.entry import unwind_on_interrupt
 from sdrun.errors import OutOfMemory, OutputError, SdrunError, UsageError
-from sdrun.render.stages import DecodeNotes, DecodeOutOfMemory, Hooks, render
+from sdrun.render.stages import DecodeOutOfMemory, Hooks, render
+from sdrun.render.vae import DecodeNotes
 from sdrun.schedulers import SAMPLERS
 
 # A prompt file's bounds, so that any file (or /dev/zero) is read in bounded time and memory; with one run's

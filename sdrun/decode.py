@@ -11,7 +11,7 @@ from safetensors import SafetensorError, safe_open
 
 from sdrun import backends, output, pipeline
 from sdrun.config import MAX_SIDE, REPLAY_KEYS, RunConfig, job_record
-from sdrun.render.stages import DecodeNotes, decode_latents
+from sdrun.render.vae import DecodeNotes, decode_latents
 from sdrun.console import Reporter
 from sdrun.errors import OutputError, UsageError
 from sdrun.recorded import check_parameters_keys, read_record

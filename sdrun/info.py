@@ -62,7 +62,7 @@ def rows(selftest: bool) -> list[tuple[str, str]]:
 
 
 def _sdxl_vae(device: torch.device) -> str:
-    """The dtype SDXL's own VAE computes in with --fp16 (render/stages.vae_dtype), and why."""
+    """The dtype SDXL's own VAE computes in with --fp16 (render/vae.vae_dtype), and why."""
     if vae_fp32.native_bf16(device):
         return "bfloat16 with --fp16 (this GPU computes it natively; --vae-fp32: float32)"
     why = "no CUDA GPU is visible to torch" if device.type != "cuda" else "this GPU has no native bfloat16 (sm_80+)"

@@ -13,7 +13,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from conftest import TINY, pixels, meta
-from sdrun.render import sampling, stages
+from sdrun.render import sampling, stages, vae
 
 
 def test_txt_prompt_file_skips_blanks_and_comments(sdrun):
@@ -120,7 +120,7 @@ def test_json_lines_describe_each_finished_image(sdrun):
 
 def inject_decode(monkeypatch, failures):
     """Make the VAE decode fail in the given ways, in order: 'oom' unless tiled, 'nan' once, 'nan' always."""
-    real = stages._vae_decode
+    real = vae._vae_decode
 
     def fake(vae, latents, dtype, tiles, notes):
         kind = failures[0] if failures else None
@@ -133,7 +133,7 @@ def inject_decode(monkeypatch, failures):
             return torch.full_like(real(vae, latents, dtype, tiles, notes), float("nan"))
         return real(vae, latents, dtype, tiles, notes)
 
-    monkeypatch.setattr(stages, "_vae_decode", fake)
+    monkeypatch.setattr(vae, "_vae_decode", fake)
     return real
 
 
@@ -145,7 +145,7 @@ def test_out_of_memory_in_decode_saves_latents_and_retries_tiled(sdrun, monkeypa
     assert Path("big.latents.safetensors").is_file()
     info = meta("big.png")
     assert info["decode"]["tiled_retry"] is True and info["latents_file"] == "big.latents.safetensors"
-    monkeypatch.setattr(stages, "_vae_decode", real)
+    monkeypatch.setattr(vae, "_vae_decode", real)
     # the saved latents decode later, with any memory flags, to the same picture
     result = sdrun("decode", "big.latents.safetensors", "--vae-tiling", "-o", "later.png")
     assert result.exit_code == 0, result
@@ -275,11 +275,11 @@ def test_ctrl_c_leaves_complete_files_only_and_a_rerun_finishes_the_set(isolated
 def test_out_of_memory_outside_a_batch_item_is_one_line_and_exit_4(sdrun, monkeypatch):
     real = inject_decode(monkeypatch, ["oom-untiled"])
     assert sdrun("a fox", *TINY, "--seed", "3", "-o", "big.png").exit_code == 0
-    monkeypatch.setattr(stages, "_vae_decode", lambda *_: (_ for _ in ()).throw(torch.OutOfMemoryError("injected")))
+    monkeypatch.setattr(vae, "_vae_decode", lambda *_: (_ for _ in ()).throw(torch.OutOfMemoryError("injected")))
     result = sdrun("decode", "big.latents.safetensors", "-o", "later.png")
     assert result.exit_code == 4 and "out of GPU memory" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not Path("later.png").exists()
-    monkeypatch.setattr(stages, "_vae_decode", real)
+    monkeypatch.setattr(vae, "_vae_decode", real)
 
 
 def test_the_model_loads_once_for_the_whole_batch(sdrun, monkeypatch):

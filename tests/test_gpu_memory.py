@@ -84,7 +84,7 @@ def test_sdxl_vae_decodes_in_bf16_at_half_the_float32_memory_and_close_to_it():
     from diffusers.models.resnet import ResnetBlock2D
 
     from sdrun import models, pipeline
-    from sdrun.render import stages
+    from sdrun.render import vae as vae_stage
 
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -103,12 +103,12 @@ def test_sdxl_vae_decodes_in_bf16_at_half_the_float32_memory_and_close_to_it():
 
     def decode(flags):
         engine = pipeline.Engine(pipe, device, flags, "sdxl", "sdxl", "sdxl", None, pipe.scheduler)
-        notes = stages.DecodeNotes()
+        notes = vae_stage.DecodeNotes()
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         start = torch.cuda.memory_allocated()
-        pixels = stages.decode_latents(engine, latents, None, notes).float()
+        pixels = vae_stage.decode_latents(engine, latents, None, notes).float()
         return pixels, (torch.cuda.max_memory_allocated() - start) / 2**30, notes
 
     exact, fp32_gib, notes = decode(("vae_fp32",))

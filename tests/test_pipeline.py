@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from sdrun import models, pipeline
-from sdrun.render import stages
+from sdrun.render import stages, vae
+from sdrun.render.forwards import forward_replaced
 
 
 def engine(family: str, vae_dtype: torch.dtype, flags=()):
@@ -21,8 +22,8 @@ LATENTS = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0))
 
 
 def decode(engine_, latents=LATENTS):
-    notes = stages.DecodeNotes()
-    pixels = stages.decode_latents(engine_, latents, None, notes)
+    notes = vae.DecodeNotes()
+    pixels = vae.decode_latents(engine_, latents, None, notes)
     return engine_.pipe.image_processor.postprocess(pixels.float(), output_type="pil"), notes
 
 
@@ -103,14 +104,14 @@ def test_only_the_tiles_that_overflow_in_fp16_are_redone_in_fp32():
     latents[:, :, :8, :8] = 500  # inside the first of four 64-pixel tiles only (and the shrunk statistics pass)
     tiles = (64, 16)
     overflowing = overflowing_engine()
-    reference = stages.decode_latents(overflowing, latents, tiles, stages.DecodeNotes())
+    reference = vae.decode_latents(overflowing, latents, tiles, vae.DecodeNotes())
     overflowing.pipe.vae.to(torch.float16)
     dtypes = []
     conv_in = overflowing.pipe.vae.decoder.conv_in
     hook = conv_in.register_forward_pre_hook(lambda module, _args: dtypes.append(module.weight.dtype))
-    notes = stages.DecodeNotes()
+    notes = vae.DecodeNotes()
     try:
-        pixels = stages.decode_latents(overflowing, latents, tiles, notes)
+        pixels = vae.decode_latents(overflowing, latents, tiles, notes)
     finally:
         hook.remove()
     # the statistics pass twice (its statistics taken again in fp32), tile 1 twice, the others once
@@ -121,7 +122,7 @@ def test_only_the_tiles_that_overflow_in_fp16_are_redone_in_fp32():
 
 
 def test_black_decode_is_redone(monkeypatch):
-    real = stages._vae_decode
+    real = vae._vae_decode
     calls = []
 
     def black_once(vae, latents, dtype, tiles, notes):
@@ -129,7 +130,7 @@ def test_black_decode_is_redone(monkeypatch):
         out = real(vae, latents, dtype, tiles, notes)
         return torch.full_like(out, -1.0) if len(calls) == 1 else out
 
-    monkeypatch.setattr(stages, "_vae_decode", black_once)
+    monkeypatch.setattr(vae, "_vae_decode", black_once)
     images, notes = decode(engine("sd1", torch.float16))
     assert calls == [torch.float16, torch.float32] and notes.nan_retry and notes.vae_fp32
     assert np.asarray(images[0]).std() > 1
@@ -138,9 +139,9 @@ def test_black_decode_is_redone(monkeypatch):
 def test_nan_latents_fail_with_the_fix():
     half = engine("sd1", torch.float32)
     half.pipe.unet.to(torch.float16)
-    with pytest.raises(stages.RenderFailed, match="without --fp16"):
+    with pytest.raises(vae.RenderFailed, match="without --fp16"):
         decode(half, torch.full_like(LATENTS, float("nan")))
-    with pytest.raises(stages.RenderFailed, match="broken model weights"):  # fp32: no --fp16 to drop
+    with pytest.raises(vae.RenderFailed, match="broken model weights"):  # fp32: no --fp16 to drop
         decode(engine("sd1", torch.float32), torch.full_like(LATENTS, float("nan")))
 
 
@@ -158,12 +159,12 @@ def test_a_replaced_forward_comes_back_with_the_offload_hook_it_replaced():
 
     layer = torch.nn.Linear(2, 2)
     add_hook_to_module(layer, Counting())
-    with stages.forward_replaced(layer, lambda x: x * 0):
+    with forward_replaced(layer, lambda x: x * 0):
         assert (layer(torch.ones(1, 2)) == 0).all() and not calls
     layer(torch.ones(1, 2))
     assert calls == [layer]  # the hook runs again
     plain = torch.nn.Linear(2, 2)
-    with stages.forward_replaced(plain, lambda x: x):
+    with forward_replaced(plain, lambda x: x):
         pass
     assert "forward" not in plain.__dict__  # a module without a wrapper is back on its class's forward
 
@@ -185,7 +186,7 @@ def test_a_decode_out_of_memory_takes_back_what_graph_recordings_hold_before_til
     half = engine("sd1", torch.float32)
     half.graphs, warnings = held, []
     half.note = warnings.append
-    real, calls = stages.decode_latents, []
+    real, calls = vae.decode_latents, []
 
     def out_of_memory_once(engine_, latents, tiles, notes):
         calls.append(tiles)
@@ -193,9 +194,9 @@ def test_a_decode_out_of_memory_takes_back_what_graph_recordings_hold_before_til
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
         return real(engine_, latents, tiles, notes)
 
-    monkeypatch.setattr(stages, "decode_latents", out_of_memory_once)
+    monkeypatch.setattr(vae, "decode_latents", out_of_memory_once)
     canvas = stages.Canvas(None, [], torch.device("cpu"), stages.Hooks())
-    canvas.latents, canvas.notes = LATENTS, stages.DecodeNotes()
+    canvas.latents, canvas.notes = LATENTS, vae.DecodeNotes()
     stages.decode(half, None, StagePlan("decode", 256, 256), canvas)
     assert calls == [None, None] and held.released and half.graphs is None
     assert canvas.pixels is not None and not canvas.notes.tiled_retry
@@ -227,3 +228,20 @@ def test_an_init_image_that_overflows_the_fp16_encoder_is_encoded_again_in_float
     assert dtypes == [torch.float16, torch.float32] and canvas.notes.nan_retry and canvas.notes.vae_fp32
     assert full.pipe.vae.dtype == torch.float16 and torch.isfinite(canvas.latents).all()
     assert torch.allclose(canvas.latents.float(), reference.float(), atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("family, flags, native", [("sdxl", (), True), ("sdxl", (), False),
+                                                   ("sdxl", ("vae_fp32",), True), ("sd1", (), True),
+                                                   ("sd1", ("vae_fp32",), False)])
+def test_the_plan_predicts_the_dtype_the_vae_computes_in(monkeypatch, family, flags, native):
+    """The plan prices the decode by the VAE's dtype before loading (plan._build); vae.vae_dtype decides it on the
+    loaded VAE. The two must agree, or --max-vram's decode would be planned at the wrong size."""
+    from sdrun.config import Job, RunConfig
+    from sdrun.render import plan as render_plan
+
+    monkeypatch.setattr(pipeline.Engine, "native_bf16", property(lambda _self: native))
+    info = render_plan.ModelInfo(family, 1024 if family == "sdxl" else 512, 8)
+    planned = render_plan.make_plan(RunConfig(flags=("fp16", *flags)), Job(prompt="x"), info, "cuda",
+                                    native_bf16=native)
+    running = vae.vae_dtype(engine(family, torch.float16, flags=("fp16", *flags)))
+    assert planned.vae_dtype == str(running).removeprefix("torch.")

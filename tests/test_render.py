@@ -149,7 +149,7 @@ def test_max_vram_below_every_setting_is_refused_and_a_fitting_one_adds_settings
 
 
 def test_sdxl_decode_is_planned_in_the_dtype_it_runs_in():
-    """SDXL's own VAE decodes in float32 without native bf16 or with --vae-fp32 (stages.vae_dtype). On an H200,
+    """SDXL's own VAE decodes in float32 without native bf16 or with --vae-fp32 (vae.vae_dtype). On an H200,
     `sdrun --fp16` SDXL at 1024x1024 so peaked at 11.56 GiB in its decode (docs/benchmarks.md); planned at fp16
     values it was predicted 23% low, and --max-vram 8 then ran out of memory in its decode. In bfloat16 (a GPU
     that computes it natively) and from a --vae file (fp16 first), its activations take half as much."""

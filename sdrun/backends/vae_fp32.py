@@ -2,7 +2,7 @@
 
 Without it an fp16 VAE computes in fp16 (a call that overflows is redone in float32), and SDXL's own VAE, which
 overflows fp16 on real images, in bfloat16 (float32's range) on GPUs that compute it natively, as ComfyUI and
-Forge do by default. The decode and encode stages read the flag (render/stages.vae_dtype): nothing is set on the
+Forge do by default. The decode and encode stages read the flag (render/vae.vae_dtype): nothing is set on the
 pipeline.
 """
 

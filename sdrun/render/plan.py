@@ -105,6 +105,7 @@ class RenderPlan:
     max_vram: float | None = None
     added: tuple[str, ...] = ()  # what --max-vram added to fit, ESCALATION names
     unet_resident_gib: float | None = None  # partial residency: UNet GiB kept on the GPU, the rest streamed
+    vae_dtype: str = "float32"  # what the VAE decodes and encodes in (vae.vae_dtype decides the same at run time)
 
     @property
     def peak_gib(self) -> float | None:
@@ -113,7 +114,7 @@ class RenderPlan:
 
     def describe(self) -> list[str]:
         lines = [f"model {self.model} ({self.family}) on {self.device}; flags: "
-                 + (" ".join("--" + f.replace("_", "-") for f in self.flags) or "none")]
+                 + (" ".join("--" + f.replace("_", "-") for f in self.flags) or "none") + f"; VAE in {self.vae_dtype}"]
         if self.chunked_feed_forward or self.sequential_guidance:
             lines.append("feed-forward in chunks, guidance halves one after the other")
         if self.unet_resident_gib is not None:
@@ -134,7 +135,7 @@ class RenderPlan:
                 "predicted_peak_gib": None if self.peak_gib is None else round(self.peak_gib, 2),
                 "predicted_stage_peaks_gib": [None if s.peak_gib is None else round(s.peak_gib, 2) for s in self.stages],
                 "max_vram": self.max_vram, "added_for_max_vram": list(self.added),
-                "unet_resident_gib": self.unet_resident_gib}
+                "unet_resident_gib": self.unet_resident_gib, "vae_dtype": self.vae_dtype}
 
 
 @dataclass(frozen=True)
@@ -296,13 +297,14 @@ def _build(run: RunConfig, job, info: ModelInfo, device: str, sizes: Sizes, sett
     def peak(component: str, activations: float) -> float | None:
         return memory.weights_gib(arch, placement, component) + activations if cuda else None
 
-    # the decode's dtype (stages.vae_dtype): float32 with --vae-fp32; SDXL's own VAE (it overflows fp16) in
+    # the decode's dtype (vae.vae_dtype): float32 with --vae-fp32; SDXL's own VAE (it overflows fp16) in
     # bfloat16 on a GPU with native bf16, else float32. Cast from fp16 weights, its activations take that many bytes
     # a value, and its cast weights sit beside the fp16 ones being replaced
     sdxl_own_vae = fp16 and info.family == "sdxl" and run.vae is None
     vae_bytes = 4 if "vae_fp32" in settings.flags else (2 if settings.native_bf16 else 4) if sdxl_own_vae \
         else value_bytes
     vae_upcast_gib = arch.vae * 1e6 * vae_bytes / memory.GIB if vae_bytes != value_bytes or sdxl_own_vae else 0.0
+    vae_dtype = "float32" if vae_bytes == 4 else "bfloat16" if sdxl_own_vae else "float16"
 
     def vae_stage(name: str, size: tuple[int, int], tiled: bool) -> StagePlan:
         pixels = size[0] * size[1]
@@ -342,7 +344,7 @@ def _build(run: RunConfig, job, info: ModelInfo, device: str, sizes: Sizes, sett
     resident = settings.unet_resident_gib if placement.mode == "resident" else None
     plan = RenderPlan(run.model, info.family, device, settings.flags, tuple(stages), settings.vae_tile,
                       settings.vae_overlap, settings.exact, settings.exact and job.guidance > 1, run.max_vram,
-                      unet_resident_gib=resident)
+                      unet_resident_gib=resident, vae_dtype=vae_dtype)
     replayed = [stage for stage in plan.stages if stage.name == "denoise" and _replayed(plan, stage, job, run)]
     if not replayed:
         return plan

@@ -144,3 +144,10 @@ def first_bad_step(first_bad: torch.Tensor) -> int | None:
     """The 1-based step whose latents first became NaN/inf (NanWatch.first_bad), or None."""
     step = int(first_bad.item())
     return step if step >= 0 else None
+
+
+def nan_advice(engine) -> str:
+    """What to do about NaN latents: in half precision they are mostly overflow; in float32, broken weights."""
+    if engine.pipe.unet.dtype == torch.float16:
+        return " (often fp16 overflow): run again without --fp16"
+    return " in float32, which points at broken model weights: check the model file (`sdrun info` shows versions)"
