@@ -25,9 +25,12 @@ class RenderFailed(SdrunError):
 class DecodeNotes:
     """How the VAE's calls went, for the image metadata."""
 
-    vae_fp32: bool = False  # decoded in float32, wholly or some tiles, although the model is fp16 (SDXL, NaN retry)
+    # computed in float32, wholly or some tiles, although the model is fp16 (--vae-fp32, SDXL's own VAE without
+    # native bf16, a retry)
+    vae_fp32: bool = False
     vae_dtype: str | None = None  # what the last decode computed in ("bfloat16": SDXL's own VAE on a bf16 GPU)
-    nan_retry: bool = False  # a decode (or a tile of it) gave NaN, or an image came out black, and was redone in fp32
+    # a decode or encode (or a tile of it) gave NaN, or an image came out black, and was redone in float32
+    nan_retry: bool = False
     tiled_retry: bool = False  # a decode ran out of memory and was redone in tiles
 
     def record(self) -> dict:
