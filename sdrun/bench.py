@@ -18,8 +18,8 @@ from sdrun.console import Reporter
 from sdrun.render.stages import render
 
 PROMPT = "an astronaut riding a horse on mars, detailed"
-GPU_ROWS = ((), ("fp16",), ("fp16", "xformers"), ("fp16", "channels_last"), ("fp16", "vae_tiling"),
-            ("fp16", "model_offload"), ("fp16", "cpu_offload"))
+GPU_ROWS = ((), ("fp16",), ("fp16", "xformers"), ("fp16", "channels_last"), ("fp16", "fp8"), ("fp16", "vae_tiling"),
+            ("fp16", "vae_fp32"), ("fp16", "model_offload"), ("fp16", "cpu_offload"))
 CPU_ROWS = ((), ("channels_last",), ("vae_tiling",))
 
 
