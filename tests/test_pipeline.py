@@ -125,9 +125,9 @@ def test_black_decode_is_redone(monkeypatch):
     real = vae._vae_decode
     calls = []
 
-    def black_once(vae, latents, dtype, tiles, notes):
+    def black_once(model, latents, dtype, tiles, notes):
         calls.append(dtype)
-        out = real(vae, latents, dtype, tiles, notes)
+        out = real(model, latents, dtype, tiles, notes)
         return torch.full_like(out, -1.0) if len(calls) == 1 else out
 
     monkeypatch.setattr(vae, "_vae_decode", black_once)
