@@ -3,6 +3,8 @@ whose config says force_upcast: it gives NaN in fp16 on real images; bfloat16 wh
 float32; everything with --vae-fp32), which decode in fp16 with only the overflowing calls or tiles redone in fp32
 (the rest: SD 1.x/2.x, SDXL's fp16-fix VAE, a --vae file), and the black retry."""
 
+import types
+
 import numpy as np
 import pytest
 import torch
@@ -245,3 +247,37 @@ def test_the_plan_predicts_the_dtype_the_vae_computes_in(monkeypatch, family, fl
                                     native_bf16=native)
     running = vae.vae_dtype(engine(family, torch.float16, flags=("fp16", *flags)))
     assert planned.vae_dtype == str(running).removeprefix("torch.")
+
+
+def test_the_banded_decode_gives_the_whole_decode_and_leaves_what_it_should_alone(monkeypatch):
+    """render/banded_decode.py: the decoder's large convolutions in bands of rows (each with the rows its kernel
+    reaches), its SiLU in place: the same pixels as the whole decode. A channels-last decoder and a convolution
+    under an offload hook keep their own forward."""
+    from sdrun.render import banded_decode
+
+    decoder = models.build_tiny().vae.decoder.eval()
+    latents = torch.randn(1, 4, 32, 48, generator=torch.Generator().manual_seed(2))
+    # the tiny decoder's largest activations: 64 channels of 64x96 in float32, 1.5 MiB: 6 bands of 256 KiB
+    monkeypatch.setattr(banded_decode, "BAND_BYTES", 256 * 1024)
+    calls = []  # the rows of every band the banded convolutions compute
+    functional = torch.nn.functional
+    counting = types.SimpleNamespace(pad=functional.pad,
+                                     conv2d=lambda x, *a, **k: calls.append(x.shape[-2]) or functional.conv2d(x, *a, **k))
+    monkeypatch.setattr(banded_decode, "F", counting)
+    with torch.no_grad():
+        whole = decoder(latents)
+        with banded_decode.banded(decoder):
+            bands = decoder(latents)
+        after = decoder(latents)
+    assert calls and max(calls) <= 64 // 2 + 2  # at most half of the 64 rows at a time, and a halo row each side
+    assert torch.allclose(bands, whole, atol=1e-5) and torch.equal(after, whole)  # and every forward put back
+    calls.clear()
+    decoder.up_blocks[0].resnets[0].conv1._hf_hook = object()  # as accelerate marks a hooked module
+    decoder.to(memory_format=torch.channels_last)
+    with torch.no_grad(), banded_decode.banded(decoder):
+        assert torch.allclose(decoder(latents), whole, atol=1e-5)
+    assert calls == []  # channels-last: nothing banded
+    decoder.to(memory_format=torch.contiguous_format)
+    with banded_decode.banded(decoder):
+        assert "forward" not in decoder.up_blocks[0].resnets[0].conv1.__dict__  # hooked: left alone
+        assert "forward" in decoder.up_blocks[0].resnets[1].conv1.__dict__

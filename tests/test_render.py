@@ -86,7 +86,8 @@ def test_window_weights_are_a_partition_of_unity_with_one_window_all_ones():
 
 
 def test_hires_writes_the_target_size_from_a_native_base(sdrun):
-    result = sdrun("a valley", *TINY, "--seed", "1", "--hires", "160x96", "--hires-strength", "0.5", "-o", "h.png")
+    result = sdrun("a valley", *TINY, "--seed", "1", "--hires", "160x96", "--hires-strength", "0.5", "-o", "h.png",
+                   "--vae-tiling", "--tile-size", "64", "--tile-overlap", "16")  # several tiles at 160x96
     assert result.exit_code == 0, result
     with Image.open("h.png") as image:
         assert image.size == (160, 96)
@@ -164,14 +165,14 @@ def test_sdxl_decode_is_planned_in_the_dtype_it_runs_in():
 
     fp32 = decode_gib(native_bf16=False)
     assert abs(fp32 - 11.56) <= 0.15 * 11.56 and decode_gib(flags=("fp16", "vae_fp32")) == fp32
-    assert decode_gib() < fp32 - 2 and decode_gib(vae="fixed.safetensors") < fp32 - 2
+    assert decode_gib() < fp32 - 1.5 and decode_gib(vae="fixed.safetensors") < fp32 - 1.5
     assert abs(decode_gib() - 9.01) <= 0.15 * 9.01  # measured in bfloat16 on an H200 (fourth session)
 
 
-def test_channels_last_decode_is_planned_at_its_measured_share_and_comes_before_streaming():
-    """On an H200, SD 1.5's decode at 512x512 held 612 MiB above the weights in NCHW and 512 in channels-last
-    (memory.CHANNELS_LAST_DECODE_SHARE); `--fp16 --fp8 --channels-last` peaked at 1.71 GiB against 1.87 without it.
-    So a budget that fp8 alone misses by the decode takes channels-last, not partial residency (4x slower)."""
+def test_the_banded_decode_is_planned_at_its_measured_share_and_fp8_then_fits_without_streaming():
+    """On an H200, SD 1.5's untiled decode at 512x512 held 610 MiB above the weights whole, 418 with its large
+    convolutions in bands (memory.BANDED_DECODE_SHARE), 448 in channels-last (left whole). So a budget that the
+    fp16 weights miss by the decode takes fp8 and no streaming (4x slower), and channels-last no longer lowers it."""
     info = render_plan.ModelInfo("sd1", 512, 8)
     job = Job(prompt="x")
 
@@ -179,10 +180,12 @@ def test_channels_last_decode_is_planned_at_its_measured_share_and_comes_before_
         plan = render_plan.make_plan(RunConfig(flags=flags), job, info, "cuda")
         return next(stage for stage in plan.stages if stage.name == "decode").peak_gib
 
-    saved = decode_gib(("fp16", "fp8")) - decode_gib(("fp16", "fp8", "channels_last"))
-    assert saved == pytest.approx((612 - 512) / 1024, abs=0.01)
+    whole = 1220 * 512 * 512 * 2 / 2**30  # memory.ARCHITECTURES' per-pixel figure, calibrated on the whole decode
+    assert decode_gib(("fp16", "fp8", "channels_last")) - decode_gib(("fp16", "fp8")) == pytest.approx(
+        whole * (0.84 - 0.69), abs=0.005)
+    assert decode_gib(("fp16", "fp8", "vae_tiling")) == decode_gib(("fp16", "fp8"))  # inside one tile: whole
     fitted = render_plan.make_plan(RunConfig(max_vram=1.9), job, info, "cuda", budget=1.9)
-    assert {"fp8", "channels_last"} <= set(fitted.flags) and fitted.unet_resident_gib is None
+    assert "fp8" in fitted.flags and "channels_last" not in fitted.flags and fitted.unet_resident_gib is None
     assert fitted.peak_gib <= 1.9 * render_plan.HEADROOM
 
 

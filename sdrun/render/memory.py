@@ -55,6 +55,11 @@ FP8_BYTES = 1
 # the weights): SD 1.5 at 512x512 512 against 612 MiB, at 1024x1024 2,048 against 2,439; SDXL's float32 decode at
 # 1024x1024 4,108 against 4,888. The denoise's peak was the same in both layouts; the encoder is not measured.
 CHANNELS_LAST_DECODE_SHARE = 0.84
+# An untiled NCHW decode runs its large convolutions in bands (render/banded_decode.py) and holds this share of
+# what it held whole. Measured on an H200 (fourth session, above the weights): SD 1.5 at 512x512 418 against 610 MiB,
+# at 1024x1024 (and SDXL's VAE in bf16) 1,536 against 2,434; SDXL's in float32 3,072 against 4,882. The largest
+# ratio, 0.685, rounded up; a channels-last decoder is left whole (its share is the one above).
+BANDED_DECODE_SHARE = 0.69
 TEXT_ACTIVATIONS_GIB = 0.05  # the text encoders' forward at 77 tokens: negligible beside everything else
 OFFLOADED_LAYER_SHARE = 0.02  # streaming keeps about one layer's weights (and the next one's copy) on the GPU
 # --cpu-offload streams the UNet a resnet or attention at a time (sdrun/offload.py): the one running and the next
@@ -106,11 +111,13 @@ def denoise_gib(arch: Architecture, latent_pixels: int, batch: int, value_bytes:
 
 
 def vae_gib(arch: Architecture, work_pixels: int, output_pixels: int, images: int, value_bytes: int,
-            encode: bool, channels_last: bool = False) -> float:
+            encode: bool, channels_last: bool = False, tiled: bool = False) -> float:
     """VAE activations over `work_pixels` at a time (the image, or one tile of it) for `images` images at a time,
     plus the float32 result for the whole image (`output_pixels`)."""
     per_pixel = arch.encode_values if encode else arch.decode_values
     if channels_last and not encode:
         per_pixel *= CHANNELS_LAST_DECODE_SHARE
+    elif not (encode or tiled):
+        per_pixel *= BANDED_DECODE_SHARE
     result = output_pixels * images * (8 if encode else 3) * 4
     return (work_pixels * images * per_pixel * value_bytes + result) / GIB

@@ -25,16 +25,14 @@ ESCALATION = (
     ("fp16", "half-precision weights"),
     ("vae_tiling", "VAE decode and encode in tiles"),
     ("fp8", "UNet weights stored in 8 bits (the image changes slightly)"),
-    ("channels_last", "NHWC layout for the convolutions, whose decode holds 16% less (faster at 512x512, slower "
-     "at 1024x1024)"),
     ("partial", "as many UNet blocks on the GPU as fit, the rest streamed from CPU memory"),
     ("model_offload", "only the model in use on the GPU"),
     ("cpu_offload", "each layer on the GPU only while it runs"),
 )
 # Where one image's UNet pass does not fill the GPU, the guidance halves one after the other cost time: on an H200,
 # SDXL at 1024x1024 (128x128 latents) under --max-vram 8 took 1.75 s with them and VAE tiles, 1.50 s with fp8
-# alone (1.41 s unconstrained). Up to this many latents "exact" comes after fp8 and channels-last (which is faster
-# at 512x512), just before streaming; above it (4K: 480x270 latents, a pass that fills the GPU), first.
+# alone (1.41 s unconstrained). Up to this many latents "exact" comes after fp8, just before streaming; above it
+# (4K: 480x270 latents, a pass that fills the GPU), first.
 SMALL_DENOISE_LATENTS = 128 * 128
 HEADROOM = 0.92  # plan to this share of the budget: the allocator's fragmentation and cuDNN workspaces need the rest
 WINDOW_BATCHES = (16, 8, 4, 2, 1)
@@ -307,11 +305,14 @@ def _build(run: RunConfig, job, info: ModelInfo, device: str, sizes: Sizes, sett
     vae_dtype = "float32" if vae_bytes == 4 else "bfloat16" if sdxl_own_vae else "float16"
 
     def vae_stage(name: str, size: tuple[int, int], tiled: bool) -> StagePlan:
+        # an image inside one tile is decoded whole: exact, and banded (memory.BANDED_DECODE_SHARE) where a lone
+        # tile would not be
+        tiled = tiled and (size[0] > settings.vae_tile or size[1] > settings.vae_tile)
         pixels = size[0] * size[1]
         work = min(pixels, settings.vae_tile ** 2) if tiled else pixels
         images = 1 if (sliced or tiled) else batch
         activations = memory.vae_gib(arch, work, pixels, images, vae_bytes, encode=name == "encode_image",
-                                     channels_last="channels_last" in settings.flags)
+                                     channels_last="channels_last" in settings.flags, tiled=tiled)
         return StagePlan(name, *size, tiled=tiled, peak_gib=peak("vae", activations + vae_upcast_gib))
 
     def unet_peak(area: int, entries: int) -> float | None:

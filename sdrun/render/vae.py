@@ -2,7 +2,8 @@
 
 Decoding and encoding compute in `vae_dtype` (SDXL's own VAE in bfloat16 where the GPU has it, --vae-fp32 in
 float32, other VAEs in their own dtype), the weights cast for the call only; a call whose result is not finite is
-redone in float32, and the metadata records what happened (DecodeNotes). The decode and encode stages (stages.py)
+redone in float32, and the metadata records what happened (DecodeNotes). An untiled decode runs its large
+convolutions in bands (banded_decode.py: a third less memory, the same pixels). The decode and encode stages (stages.py)
 call these; so does `sdrun decode` for saved latents.
 """
 
@@ -13,7 +14,7 @@ import torch
 from diffusers.utils.torch_utils import get_module_execution_device
 
 from sdrun.errors import SdrunError
-from sdrun.render import sampling, shared_norm_tiles
+from sdrun.render import banded_decode, sampling, shared_norm_tiles
 from sdrun.render.forwards import forward_replaced
 
 
@@ -85,7 +86,8 @@ def _vae_decode(vae, latents: torch.Tensor, dtype: torch.dtype, tiles: tuple[int
         with torch.no_grad(), guard:
             if tiles is not None:
                 return shared_norm_tiles.decode(vae, scaled, *tiles)
-            return vae.decode(scaled, return_dict=False)[0]
+            with banded_decode.banded(vae.decoder):  # a tiled decode's memory is flat already
+                return vae.decode(scaled, return_dict=False)[0]
 
 
 @contextlib.contextmanager
