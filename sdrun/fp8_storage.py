@@ -14,7 +14,8 @@ The cast happens in a forward hook (diffusers' HookRegistry, the machinery of it
 the fp8 tensor is what `.to(device)`, model offload and sequential offload move. On a GPU the cast is sdrun's
 widening kernel (csrc/fp8_widen.cu: torch's own fp8 cast runs at a third of the memory bandwidth, and SD 1.5's 278
 layers then cost 3.2 ms of each UNet call). Products are computed in the compute dtype: real fp8 matrix products
-(torch._scaled_mm, sm_89+) are not used.
+(torch._scaled_mm, sm_89+) took 1.5-3.4x as long at the UNet's linear shapes on an H200, quantizing the activations
+each call included (bench/fp8_matmul.py), and are not used.
 """
 
 import torch

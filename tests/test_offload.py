@@ -30,7 +30,7 @@ def sd1_plan(max_vram: float, flags=("fp16",)) -> render_plan.RenderPlan:
 
 
 def test_partial_residency_comes_between_fitting_whole_and_offloading_the_model():
-    whole, partial, offloaded = sd1_plan(2.2), sd1_plan(1.6), sd1_plan(0.9)
+    whole, partial, offloaded = sd1_plan(2.2), sd1_plan(1.6), sd1_plan(0.8)  # 0.9: 0.01 GiB of the UNet stays
     assert whole.unet_resident_gib is None and "partial" not in whole.added and "fp8" in whole.added
     assert "partial" in partial.added and not {"model_offload", "cpu_offload"} & set(partial.flags)
     assert 0 < partial.unet_resident_gib
