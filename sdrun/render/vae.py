@@ -8,7 +8,7 @@ call these; so does `sdrun decode` for saved latents.
 """
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from diffusers.utils.torch_utils import get_module_execution_device
@@ -36,8 +36,7 @@ class DecodeNotes:
 
     def record(self) -> dict:
         """For the metadata's "decode" object."""
-        return {"vae_fp32": self.vae_fp32, "vae_dtype": self.vae_dtype, "nan_retry": self.nan_retry,
-                "tiled_retry": self.tiled_retry}
+        return asdict(self)
 
 
 def decode_latents(engine, latents: torch.Tensor, tiles: tuple[int, int] | None, notes: DecodeNotes):
