@@ -17,17 +17,20 @@ Models are the full-size architectures (configs/sd1, configs/sdxl) with seeded r
     python bench/e2e.py                       # SD 1.5 512x512 50 steps, 1024x1024 20 steps, SDXL 1024x1024 30 steps
     python bench/e2e.py --cases sd1-512 --compile   # one case, with the torch.compile rows
     python bench/e2e.py --cases tiny-64 --images 3  # the script's plumbing on any machine (tiny model, 64x64)
-    python bench/e2e.py --bytecode /tmp/pyc          # CLI rows with the libraries' bytecode compiled first
+    python bench/e2e.py --bytecode                   # CLI rows with the libraries' bytecode compiled first
 
---bytecode FOLDER: `pip install` compiles every module's bytecode, so a user's first image does not compile torch,
-diffusers and transformers from source; a machine whose installs hold no bytecode and that sets
-PYTHONDONTWRITEBYTECODE (the H200 machine does both) recompiles them in every process, 8.6 s of its start. With
-this option the script compiles them once into FOLDER (compileall, the step pip runs) and the CLI rows read it
-(PYTHONPYCACHEPREFIX), so their first-image overhead is a user's.
+--bytecode: `pip install` compiles every module's bytecode, so a user's first image does not compile diffusers and
+transformers from source; a machine whose installs hold no bytecode and that sets PYTHONDONTWRITEBYTECODE (the
+H200 machine does, for the wheels a run installs into /tmp/site) recompiles them in every process. With this
+option the script first compiles, in place, every writable folder on sys.path (compileall, the step pip runs),
+and says which of torch, diffusers and transformers still lack bytecode. Not into a PYTHONPYCACHEPREFIX folder:
+under a prefix Python reads bytecode only from there, so it ignored the H200 machine's torch's own and compiled
+torch from source in every process (`import torch` 5.0-5.9 s against 2.2 s without the prefix, measured).
 """
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import statistics
@@ -43,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import diffusers  # noqa: E402
+import transformers  # noqa: E402
 from flags import DEVICE, PROMPT, build, release, timed  # noqa: E402
 
 from sdrun import pipeline  # noqa: E402
@@ -100,19 +104,24 @@ def sdrun_in_process(folder: Path, size: int, steps: int, repeats: int, flags: t
     return result
 
 
-def compile_bytecode(prefix: Path) -> float:
-    """Compile the bytecode of everything the CLI can import (sys.path: the standard library, site-packages, the
-    repository) into `prefix`, as pip does at install time; returns the seconds. Under a prefix Python looks for
-    every module's bytecode there, the standard library's too."""
-    folders = [entry for entry in sys.path if entry and Path(entry).is_dir()]
+def compile_bytecode() -> float:
+    """Compile, in place, the bytecode of every module under the writable folders of sys.path (site-packages, the
+    repository), as pip does at install time; returns the seconds. Serially: with `-j 0` compileall wrote nothing
+    on the H200 machine and said nothing (its output is discarded: a few files in these packages do not compile
+    on purpose, tests of syntax errors, which pip ignores too), so the result is checked instead."""
+    folders = [entry for entry in sys.path if entry and Path(entry).is_dir() and os.access(entry, os.W_OK)]
     start = time.perf_counter()
-    # not checked: a few files in these packages do not compile on purpose (tests of syntax errors), as pip ignores
-    subprocess.run([sys.executable, "-X", f"pycache_prefix={prefix}", "-m", "compileall", "-q", "-j", "0", *folders],
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - start
+    subprocess.run([sys.executable, "-m", "compileall", "-q", *folders], stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+    seconds = time.perf_counter() - start
+    for module in (torch, diffusers, transformers):
+        if not Path(importlib.util.cache_from_source(module.__file__)).exists():
+            print(f"note: {module.__name__} has no bytecode after compiling ({module.__file__} cannot be written): "
+                  "the CLI rows compile it in every process", flush=True)
+    return seconds
 
 
-def sdrun_cli(folder: Path, size: int, steps: int, images: int, flags: tuple[str, ...], env: dict):
+def sdrun_cli(folder: Path, size: int, steps: int, images: int, flags: tuple[str, ...]):
     """(best, median seconds of images 3.., first-image overhead, peak GiB, stderr notes)."""
     with tempfile.TemporaryDirectory() as out:
         command = [sys.executable, "-m", "sdrun", "run", PROMPT, "--model", str(folder), "-W", str(size), "-H",
@@ -120,7 +129,7 @@ def sdrun_cli(folder: Path, size: int, steps: int, images: int, flags: tuple[str
                    *flags]
         start = time.perf_counter()
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                   env={**os.environ, "PYTHONUNBUFFERED": "1", **env})
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
         records, arrivals = [], []
         for line in process.stdout:
             if line.strip().startswith("{"):
@@ -144,13 +153,11 @@ def main() -> None:
                         help="add rows with the UNet compiled (COMPILES), for diffusers and sdrun in-process (minutes)")
     parser.add_argument("--rows", default="diffusers,in-process,cli", help="which of diffusers,in-process,cli")
     parser.add_argument("--quick", action="store_true", help="4 steps, to check the script itself")
-    parser.add_argument("--bytecode", type=Path, help="compile the libraries' bytecode into this folder first, as "
-                        "an install does, and let the CLI rows read it (see above)")
+    parser.add_argument("--bytecode", action="store_true",
+                        help="compile the libraries' bytecode first, in place, as an install does (see above)")
     args = parser.parse_args()
-    cli_env = {}
-    if args.bytecode is not None:
-        print(f"bytecode compiled into {args.bytecode} in {compile_bytecode(args.bytecode):.0f} s", flush=True)
-        cli_env = {"PYTHONPYCACHEPREFIX": str(args.bytecode)}
+    if args.bytecode:
+        print(f"bytecode compiled in {compile_bytecode():.0f} s", flush=True)
     device_name = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU"
     print(f"# sdrun end-to-end benchmark, {datetime.date.today()}, {device_name}, torch {torch.__version__}, "
           f"CUDA {torch.version.cuda}, diffusers {diffusers.__version__}; random weights, fp16, DDIM, guidance 7.5, "
@@ -187,8 +194,7 @@ def main() -> None:
                 print(f"| {case} | {label} | failed: {str(error).splitlines()[0][:150]} | | | |", flush=True)
         for cli_flags in () if "cli" not in rows else CLI_FLAGS if DEVICE == "cuda" else ((),):
             try:
-                best, median, overhead, peak, notes = sdrun_cli(folder, size, steps, args.images, cli_flags,
-                                                                cli_env)
+                best, median, overhead, peak, notes = sdrun_cli(folder, size, steps, args.images, cli_flags)
                 row(f"sdrun CLI {' '.join(cli_flags)} (median {median:.3f})", best, overhead, peak,
                     "; ".join(notes)[:200])
             except Exception as error:

@@ -1,6 +1,7 @@
 """Where sdrun keeps what it computes once: `$SDRUN_CACHE`, by default ~/.cache/sdrun. It holds the compiled
 attention kernel (kernels/), the file hashes (hashes.json) and, for installs whose own bytecode folders cannot be
-written, Python's bytecode (pycache/). No heavy import here: the command reads it before torch loads."""
+written, Python's bytecode (pycache/); in the process, the scan of installed packages. No heavy import here: the
+command reads it before torch loads."""
 
 import importlib.util
 import os
@@ -27,3 +28,22 @@ def keep_bytecode_of_read_only_installs() -> None:
     if compiled.exists() or os.access(folder, os.W_OK):
         return
     sys.pycache_prefix = str(root() / "pycache")
+
+
+def scan_installed_packages_once() -> None:
+    """diffusers and transformers each map import names to their distributions while they import
+    (importlib.metadata.packages_distributions, which reads the file list of every installed distribution that
+    lacks a top_level.txt, torch's among them): three scans, 4.3 s of a start on the H200 machine. Nothing is
+    installed while sdrun runs, so they share the first scan's answer (each caller gets its own copy)."""
+    import functools
+    import importlib.metadata
+
+    if getattr(importlib.metadata.packages_distributions, "sdrun_shared", False):
+        return
+    scan = functools.cache(importlib.metadata.packages_distributions)
+
+    def shared() -> dict[str, list[str]]:
+        return {name: list(distributions) for name, distributions in scan().items()}
+
+    shared.sdrun_shared = True
+    importlib.metadata.packages_distributions = shared

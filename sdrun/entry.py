@@ -16,6 +16,7 @@ def main() -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _leave_at_once)
     cache.keep_bytecode_of_read_only_installs()
+    cache.scan_installed_packages_once()
     from sdrun.cli import cli
 
     cli.main()

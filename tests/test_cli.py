@@ -347,3 +347,25 @@ def test_bytecode_of_a_read_only_torch_install_goes_to_sdruns_cache(monkeypatch,
     cache.keep_bytecode_of_read_only_installs()
     expected = str(tmp_path / "cache" / "pycache") if case == "read-only" else None
     assert sys.pycache_prefix == expected
+
+
+def test_the_installed_packages_are_scanned_once_per_process(monkeypatch):
+    """diffusers and transformers each scan every installed distribution while they import: sdrun's entry makes
+    the later scans reuse the first's answer, and every caller gets its own copy to change."""
+    import importlib.metadata
+
+    from sdrun import cache
+
+    scans = []
+
+    def scan():
+        scans.append(1)
+        return {"PIL": ["pillow"]}
+
+    monkeypatch.setattr(importlib.metadata, "packages_distributions", scan)
+    cache.scan_installed_packages_once()
+    cache.scan_installed_packages_once()  # a second call keeps the shared one
+    first = importlib.metadata.packages_distributions()
+    first["PIL"].append("changed by a caller")
+    assert importlib.metadata.packages_distributions() == {"PIL": ["pillow"]}
+    assert len(scans) == 1
