@@ -245,7 +245,7 @@ def _jobs(prompt, prompt_file, fail_fast: bool, options: dict):
     if not prompt_file:
         validate(job)
         return [(None, job)], []
-    from sdrun.batch import read_prompt_file
+    from sdrun.prompt_file import read_prompt_file
 
     validate(dataclasses.replace(job, prompt="x"))
     jobs, bad_lines = read_prompt_file(prompt_file, job)

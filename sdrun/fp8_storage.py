@@ -21,7 +21,8 @@ each call included (bench/fp8_matmul.py), and are not used.
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
-STORAGE_DTYPE_NAME = "float8_e4m3fn"
+from sdrun.backends.fp8 import storage_dtype
+
 HOOK_NAME = "sdrun_fp8_storage"
 COVERED_LAYERS = (torch.nn.Linear, torch.nn.Conv2d)
 # Submodule names (one path component of a layer's name) whose layers keep the compute dtype, per component kind.
@@ -60,10 +61,6 @@ class WeightStorageHook(ModelHook):
     def post_forward(self, module, output):
         module.weight.data, self.stored = self.stored, None
         return output
-
-
-def storage_dtype() -> torch.dtype:
-    return getattr(torch, STORAGE_DTYPE_NAME)
 
 
 def covered_layers(model: torch.nn.Module, kind: str) -> list[tuple[str, torch.nn.Module]]:
@@ -132,16 +129,3 @@ def store_in_fp8(model: torch.nn.Module, kind: str, compute_dtype: torch.dtype, 
         hook = WeightStorageHook(compute_dtype, widen)
         HookRegistry.check_if_exists_or_initialize(layer).register_hook(hook, HOOK_NAME)
     return len(layers)
-
-
-def unavailable_reason(device: torch.device) -> str | None:
-    """Why fp8 storage cannot work with this torch on `device`, as a sentence; None when it can."""
-    if not hasattr(torch, STORAGE_DTYPE_NAME):
-        return (f"--fp8 needs the {STORAGE_DTYPE_NAME} dtype, which torch {torch.__version__} lacks: "
-                "install torch 2.1 or later")
-    try:
-        torch.ones(2, device=device).to(storage_dtype()).to(torch.float32)
-    except (RuntimeError, TypeError, NotImplementedError) as error:
-        return (f"--fp8 needs {STORAGE_DTYPE_NAME} tensors on {device.type}, which torch does not support there "
-                f"({str(error).splitlines()[0] if str(error) else type(error).__name__})")
-    return None

@@ -3,6 +3,7 @@
 The flag lines use the same `unavailable_reasons` the CLI checks before a run, so the two never disagree.
 """
 
+import importlib.metadata
 import os
 import platform
 
@@ -12,7 +13,7 @@ from rich.table import Table
 
 from sdrun import backends, ops
 from sdrun.backends import vae_fp32
-from sdrun.ops.processor import COVERAGE
+from sdrun.backends.xformers import COVERAGE
 from sdrun.render import graphs
 
 
@@ -22,10 +23,6 @@ ENVIRONMENT = ("SDRUN_MODEL", "SDRUN_DEBUG", "SDRUN_CACHE", "SDRUN_SKIP_CUDA_BUI
 
 
 def rows(selftest: bool) -> list[tuple[str, str]]:
-    import accelerate
-    import diffusers
-    import transformers
-
     import sdrun
 
     table = [
@@ -33,9 +30,8 @@ def rows(selftest: bool) -> list[tuple[str, str]]:
         ("python", platform.python_version()),
         ("torch", torch.__version__),
         ("torch CUDA", torch.version.cuda or "none (CPU build)"),
-        ("diffusers", diffusers.__version__),
-        ("transformers", transformers.__version__),
-        ("accelerate", accelerate.__version__),
+        # their installed versions, read without importing them (seconds each): info imports what it asks
+        *((name, importlib.metadata.version(name)) for name in ("diffusers", "transformers", "accelerate")),
     ]
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):

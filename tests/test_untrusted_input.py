@@ -232,7 +232,7 @@ def test_endless_prompt_files_and_a_huge_count_end_in_bounded_time_and_memory(is
 
 
 def test_stdin_beyond_the_limit_is_refused(sdrun, monkeypatch):
-    monkeypatch.setattr("sdrun.batch.MAX_PROMPT_FILE_BYTES", 1000)
+    monkeypatch.setattr("sdrun.prompt_file.MAX_PROMPT_FILE_BYTES", 1000)
     one_line_error(sdrun("--prompt-file", "-", *TINY, input="a fox\n" * 200), 2, "prompt file '-' is larger than")
     assert sdrun("--prompt-file", "-", *TINY, "--seed", "1", "-o", "s.png", input="a fox\n" * 10).exit_code == 0
 

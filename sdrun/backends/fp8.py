@@ -4,18 +4,35 @@ model's compute dtype while its layer runs (sdrun/fp8_storage.py says what stays
 
 from sdrun.backends.base import Backend
 
+STORAGE_DTYPE_NAME = "float8_e4m3fn"  # the dtype fp8_storage.py stores in
 
-def unavailable_reasons(device):
-    from sdrun.fp8_storage import unavailable_reason
 
-    reason = unavailable_reason(device)
-    return [reason] if reason else []
+def storage_dtype():
+    import torch
+
+    return getattr(torch, STORAGE_DTYPE_NAME)
+
+
+def unavailable_reasons(device) -> list[str]:
+    """Why fp8 storage cannot work with this torch on `device`, as sentences. Here, not in fp8_storage.py, which
+    imports diffusers' hooks: `sdrun info` asks every backend and imports no diffusers."""
+    import torch
+
+    if not hasattr(torch, STORAGE_DTYPE_NAME):
+        return [f"--fp8 needs the {STORAGE_DTYPE_NAME} dtype, which torch {torch.__version__} lacks: install "
+                "torch 2.1 or later"]
+    try:
+        torch.ones(2, device=device).to(storage_dtype()).to(torch.float32)
+    except (RuntimeError, TypeError, NotImplementedError) as error:
+        return [f"--fp8 needs {STORAGE_DTYPE_NAME} tensors on {device.type}, which torch does not support there "
+                f"({str(error).splitlines()[0] if str(error) else type(error).__name__})"]
+    return []
 
 
 def store(pipe, device, names: tuple[str, ...], kind: str, flag: str) -> str:
     """Store the named components of `pipe` in fp8; the note says how much of each, in which dtypes, and how
     weights are widened when that is slower than it could be."""
-    from sdrun.fp8_storage import STORAGE_DTYPE_NAME, covered_share, store_in_fp8, widener
+    from sdrun.fp8_storage import covered_share, store_in_fp8, widener
 
     compute = pipe.unet.dtype
     widen, slower = widener(device)

@@ -7,6 +7,13 @@ or `sdrun info` asks, so plain runs never pay for it.
 
 from sdrun.backends.base import Backend
 
+# For `sdrun info`: what `ops.processor.install` puts on the kernel and what it leaves, and why (its InstallReport
+# names the modules of a run)
+COVERAGE = ("every self- and cross-attention module of the UNet, an IP-Adapter's included (its text and its image "
+            "attention, one kernel call each); left on PyTorch SDPA: modules whose head_dim is over 256 or not a "
+            "multiple of 8 (the VAE's single 512-wide head) and modules with other processors or added key/value "
+            "projections; each --xformers run names them")
+
 
 def unavailable_reasons(device):
     from sdrun import ops

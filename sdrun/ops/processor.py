@@ -27,12 +27,6 @@ from diffusers.models.attention_processor import (
 from sdrun.ops import supports
 from sdrun.ops.attention import memory_efficient_attention
 
-# For `sdrun info`: what `install` puts on the kernel and what it leaves, and why (InstallReport names the modules)
-COVERAGE = ("every self- and cross-attention module of the UNet, an IP-Adapter's included (its text and its image "
-            "attention, one kernel call each); left on PyTorch SDPA: modules whose head_dim is over 256 or not a "
-            "multiple of 8 (the VAE's single 512-wide head) and modules with other processors or added key/value "
-            "projections; each --xformers run names them")
-
 
 def _kernel_attention(query, key, value, scale: float, compute_dtype: torch.dtype) -> torch.Tensor:
     """(batch, tokens, heads, head_dim) in, (batch, tokens, heads * head_dim) out in the dtype of `query`; float32
