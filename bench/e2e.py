@@ -24,8 +24,8 @@ transformers from source; a machine whose installs hold no bytecode and that set
 H200 machine does, for the wheels a run installs into /tmp/site) recompiles them in every process. With this
 option the script first compiles, in place, every writable folder on sys.path (compileall, the step pip runs),
 and says which of torch, diffusers and transformers still lack bytecode. Not into a PYTHONPYCACHEPREFIX folder:
-under a prefix Python reads bytecode only from there, so it ignored the H200 machine's torch's own and compiled
-torch from source in every process (`import torch` 5.0-5.9 s against 2.2 s without the prefix, measured).
+under a prefix Python reads bytecode only from there, so it ignored the bytecode of the H200 machine's torch
+install and compiled torch from source in every process (`import torch` 5.0-5.9 s against 2.2 s without it).
 """
 
 import argparse
