@@ -12,7 +12,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from sdrun.fp8_storage import store_in_fp8
-from sdrun.models import CONFIGS
+from sdrun.model_source import CONFIGS
 
 
 def main() -> None:

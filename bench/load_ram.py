@@ -46,7 +46,8 @@ dtype = getattr(torch, sys.argv[6])
 
 def load(path, config_path):
     if loader == "sdrun":
-        from sdrun.models import load_pipeline, resolve_model
+        from sdrun.model_source import resolve_model
+        from sdrun.models import load_pipeline
         return load_pipeline(resolve_model(path, config_path or None), dtype)
     import diffusers
     cls = diffusers.StableDiffusionXLPipeline if family == "sdxl" else diffusers.StableDiffusionPipeline

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from sdrun import backends, models, pipeline
+from sdrun import backends, model_source, models, pipeline
 from sdrun.config import Job, RunConfig
 from sdrun.console import Reporter
 from sdrun.render.stages import render
@@ -39,7 +39,7 @@ def rows(model: str, device: torch.device, size: int | None, steps: int, repeats
 
 
 def _plain(model: str, device: torch.device, job: Job, dtype: torch.dtype, repeats: int):
-    pipe = models.load_pipeline(models.resolve_model(model), torch_dtype=dtype).to(device)
+    pipe = models.load_pipeline(model_source.resolve_model(model), torch_dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
     size = {"width": job.width, "height": job.height} if job.width else {}
 

@@ -315,7 +315,6 @@ def _launch(gpus: str, run_config: RunConfig, jobs, prompt_file: str | None) -> 
 
 def _generate(run_config: RunConfig, jobs, bad_lines, dry_run: bool = False, predict_only: bool = False) -> None:
     from sdrun import parallel, pipeline
-    from sdrun.batch import plan_items, run_items
     from sdrun.console import Reporter
 
     group, jobs = parallel.join(run_config, jobs)  # random seeds drawn once (by process 0), planned and recorded
@@ -328,6 +327,8 @@ def _generate(run_config: RunConfig, jobs, bad_lines, dry_run: bool = False, pre
         for line in planned.describe() if main else ():
             click.echo(line)
         return
+    from sdrun.batch import plan_items, run_items  # the render, and with it diffusers: not for a plan
+
     items = plan_items(jobs, planned.run)
     if group is None:
         code = run_items(planned.run, items, bad_lines, reporter, planned).exit_code

@@ -28,11 +28,15 @@ import time
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from sdrun.batch import EXIT_SOME_FAILED, Summary, _chunks, _describe, run_items  # one process's chunks, records
 from sdrun.config import with_seed
 from sdrun.console import Reporter
 from sdrun.errors import EXIT_INTERRUPTED, UsageError
+# sdrun.batch, and with the render it runs diffusers, is imported by the functions that run or merge a share:
+# planning a run (`sdrun plan`, --dry-run) needs neither.
+if TYPE_CHECKING:
+    from sdrun.batch import Summary
 
 FOLDER_ENV = "SDRUN_PROCESSES_DIR"  # set by `sdrun --gpus` for its processes: where their records meet
 PLAN_FILE = "plan.json"
@@ -71,7 +75,7 @@ def owners(chunks: list[list], num_processes: int) -> dict[int, int]:
 
 # ---------------------------------------------------------------------------------------------- merging
 
-def merge(plan: dict, files: dict[int, list[dict]]) -> tuple[list[dict], Summary]:
+def merge(plan: dict, files: dict[int, list[dict]]) -> tuple[list[dict], "Summary"]:
     """The failed records of items whose process died before reporting them, and the summary of the whole batch.
 
     `plan` is what process 0 wrote before rendering (every item described, its owner, the bad-line count);
@@ -84,6 +88,8 @@ def merge(plan: dict, files: dict[int, list[dict]]) -> tuple[list[dict], Summary
                 "was killed): rerun with --skip-existing to make it"}
                for item, owner in zip(plan["items"], plan["owners"])
                if item["index"] not in reported and owner not in summaries]
+    from sdrun.batch import Summary
+
     count = Counter(record["status"] for record in records + missing)
     summary = Summary(total=len(plan["items"]) + plan["bad_lines"], done=count["ok"], skipped=count["skipped"],
                       failed=count["failed"], out_of_memory=sum(s["out_of_memory"] for s in summaries.values()),
@@ -176,6 +182,8 @@ class RecordWriter(Reporter):
 def run_share(group: Group, run, items: list, bad_lines: list, reporter: Reporter, planned) -> int:
     """Make this process's share of `items` (all of them planned alike by every process); on process 0, print
     the whole batch's records and summary. Returns the exit code this process ends with."""
+    from sdrun.batch import _chunks, _describe, run_items
+
     batch = list(_chunks(items, run.batch_size))
     index = group.state.process_index
     mine = [item for chunk in share(batch, group.state) for item in chunk]
@@ -336,6 +344,8 @@ def launch(count: int, args: list[str], reporter: Reporter) -> int:
 
 def _outcome(folder: Path, count: int, launcher_code: int | None, reporter: Reporter) -> int:
     """The exit code process 0 left; if it died first, the records of the items lost and the summary, merged here."""
+    from sdrun.batch import EXIT_SOME_FAILED
+
     code_file = folder / EXIT_CODE_FILE
     if code_file.is_file():
         code = int(code_file.read_text())

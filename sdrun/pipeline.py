@@ -5,6 +5,8 @@
     planned.refit(engine)                  # a model its configs did not describe (a Hub id, SD 2 v or epsilon)
 
 The render itself (stages, denoising loop, decode) is in sdrun/render/; files and prompt lists in batch.py.
+Planning reads configs only (sdrun/model_source.py); `load` imports the loaders, and with them diffusers and
+transformers (seconds), so `sdrun plan` and `--dry-run` never do.
 """
 
 import os
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from sdrun import adapters, backends, lora_file, models, vae_file
+from sdrun import adapters, backends, lora_file, model_source
 from sdrun.backends import vae_fp32
 from sdrun.config import RunConfig
 from sdrun.errors import UsageError
@@ -60,7 +62,7 @@ class Engine:
 class RunSetup:
     """What check_run found: where the model is, where it runs, and the backends in application order."""
 
-    source: models.ModelSource
+    source: model_source.ModelSource
     device: torch.device
     chosen: tuple  # Backend objects
     vae: Path | None = None  # --vae: a separate VAE, checked
@@ -80,8 +82,8 @@ def check_run(run: RunConfig, predict_only: bool = False) -> RunSetup:
     """Everything that can be checked before loading: the model source, the device, the backends. With
     `predict_only` (`sdrun plan --device cuda`) the device and flags are taken as given, for a plan of what a
     CUDA GPU would do, on any machine."""
-    source = models.resolve_model(run.model, run.config_dir)
-    vae = vae_file.resolve(run.vae)
+    source = model_source.resolve_model(run.model, run.config_dir)
+    vae = model_source.resolve_vae(run.vae)
     chosen = backends.select(run.flags)
     if predict_only:
         device = torch.device("cuda" if run.device == "cuda" else resolve_device(run.device))
@@ -94,23 +96,23 @@ def check_run(run: RunConfig, predict_only: bool = False) -> RunSetup:
     return RunSetup(source, device, chosen, vae)
 
 
-def model_info(source: models.ModelSource) -> ModelInfo:
+def model_info(source: model_source.ModelSource) -> ModelInfo:
     """Family and geometry of the model behind `source`, from its configs or checkpoint header; no weights are
     loaded. A Hub id that is not on disk is assumed to be SD 1.x (the plan says so); loading corrects it."""
     if source.kind == "hub":
-        return ModelInfo("sd1", *models.geometry(models.CONFIGS / "sd1"), assumed=True)
+        return ModelInfo("sd1", *model_source.geometry(model_source.CONFIGS / "sd1"), assumed=True)
     if source.kind == "tiny":
         family = "tiny"
     elif source.kind == "file":
-        family = models.file_family(source)
+        family = model_source.file_family(source)
     else:
-        family = models.folder_family(source.path)
-    return ModelInfo(family, *models.geometry(config_folder(source, family)))
+        family = model_source.folder_family(source.path)
+    return ModelInfo(family, *model_source.geometry(config_folder(source, family)))
 
 
-def config_folder(source: models.ModelSource, family: str) -> Path:
+def config_folder(source: model_source.ModelSource, family: str) -> Path:
     """The diffusers folder whose configs describe a model on disk: its own, --config's, or sdrun's for its family."""
-    return source.path if source.kind == "folder" else source.config_dir or models.CONFIGS / family
+    return source.path if source.kind == "folder" else source.config_dir or model_source.CONFIGS / family
 
 
 @dataclass
@@ -196,6 +198,8 @@ def _plan_jobs(run: RunConfig, setup: RunSetup, info: ModelInfo, jobs: list) -> 
 
 def load(run: RunConfig, reporter, setup: RunSetup) -> Engine:
     """Load the model with its backends applied."""
+    from sdrun import models, vae_file  # diffusers and transformers: see the module's docstring
+
     source, device, chosen = setup.source, setup.device, setup.chosen
     limit_memory(device, run.max_vram)
     for backend in chosen:

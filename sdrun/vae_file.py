@@ -16,29 +16,11 @@ from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
 from sdrun import checkpoint
 from sdrun.errors import ModelError
-from sdrun.models import CHECKPOINT_SUFFIXES, LOAD_ERRORS, read_json
+from sdrun.model_source import VAE_FIX, VAE_WEIGHTS, read_json
+from sdrun.models import LOAD_ERRORS
 
-WEIGHTS = "diffusion_pytorch_model.safetensors"
 # Where a VAE's tensors sit in a file: inside a whole checkpoint, or bare (a VAE saved on its own).
 PREFIXES = ("first_stage_model.", "vae.", "encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
-FIX = "pass a VAE .safetensors/.ckpt file or a diffusers VAE folder (config.json and " + WEIGHTS + ")"
-
-
-def resolve(spec: str | None) -> Path | None:
-    """Check --vae before anything loads: an existing checkpoint file, or a folder with a config and weights."""
-    if spec is None:
-        return None
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        missing = [name for name in ("config.json", WEIGHTS) if not (path / name).is_file()]
-        if missing:
-            raise ModelError(f"--vae folder '{spec}' has no {' or '.join(missing)}: {FIX}")
-        read_json(path / "config.json", FIX)
-    elif not path.is_file():
-        raise ModelError(f"--vae '{spec}' does not exist: check the path, or {FIX}")
-    elif path.suffix.lower() not in CHECKPOINT_SUFFIXES:
-        raise ModelError(f"--vae '{spec}' has an unknown extension '{path.suffix}': {FIX}")
-    return path
 
 
 def replace_vae(pipe, path: Path, dtype: torch.dtype) -> None:
@@ -54,16 +36,16 @@ def replace_vae(pipe, path: Path, dtype: torch.dtype) -> None:
 
 
 def _from_folder(path: Path, dtype: torch.dtype) -> AutoencoderKL:
-    config = read_json(path / "config.json", FIX)
+    config = read_json(path / "config.json", VAE_FIX)
     if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
-        raise ModelError(f"--vae folder '{path}' holds a {config['_class_name']}, not an AutoencoderKL: {FIX}")
-    return _filled(config, _read(path / WEIGHTS, dtype, ("",)), path, dtype, "its config.json")
+        raise ModelError(f"--vae folder '{path}' holds a {config['_class_name']}, not an AutoencoderKL: {VAE_FIX}")
+    return _filled(config, _read(path / VAE_WEIGHTS, dtype, ("",)), path, dtype, "its config.json")
 
 
 def _from_file(path: Path, model_config, dtype: torch.dtype) -> AutoencoderKL:
     state = _read(path, dtype, PREFIXES)
     if not state:
-        raise ModelError(f"--vae '{path}' holds no VAE weights (no encoder/decoder tensors): {FIX}")
+        raise ModelError(f"--vae '{path}' holds no VAE weights (no encoder/decoder tensors): {VAE_FIX}")
     config = dict(model_config)
     with accelerate.init_empty_weights():
         expected = AutoencoderKL.from_config(config).state_dict().keys()
@@ -72,7 +54,7 @@ def _from_file(path: Path, model_config, dtype: torch.dtype) -> AutoencoderKL:
             state = convert_ldm_vae_checkpoint(state, config)
         except LOAD_ERRORS as error:
             raise ModelError(f"--vae '{path}' is not a VAE in the original layout nor in diffusers' ({error!r}): "
-                             f"{FIX}") from error
+                             f"{VAE_FIX}") from error
     vae = _filled(config, state, path, dtype, "this model's VAE")
     vae.register_to_config(force_upcast=False)  # the model's config speaks for the model's own VAE only
     return vae
@@ -92,7 +74,7 @@ def _filled(config: dict, state: dict, path: Path, dtype: torch.dtype, against: 
         with accelerate.init_empty_weights():
             vae = AutoencoderKL.from_config(config)
     except LOAD_ERRORS as error:
-        raise ModelError(f"--vae '{path}' has a config diffusers cannot build ({error}): {FIX}") from error
+        raise ModelError(f"--vae '{path}' has a config diffusers cannot build ({error}): {VAE_FIX}") from error
     expected = vae.state_dict()
     missing = sorted(set(expected) - set(state))
     misshapen = [key for key in expected if key in state and state[key].shape != expected[key].shape]

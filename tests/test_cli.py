@@ -14,6 +14,7 @@ from PIL import Image
 
 from conftest import TINY, pixels
 from sdrun.backends import BACKENDS
+from sdrun.model_source import CONFIGS
 from sdrun.schedulers import SAMPLERS
 
 
@@ -331,6 +332,23 @@ def test_info_imports_only_what_it_reports():
     lines = done.stdout.strip().splitlines()
     assert lines[-2:] == ["exit 0", "['torch']"], done.stdout + done.stderr
     assert any(line.startswith("diffusers ") and line.split()[1][0].isdigit() for line in lines), done.stdout
+
+
+def test_plan_and_dry_run_import_no_diffusers():
+    """A plan reads configs only (sdrun/model_source.py): `sdrun plan`, `--dry-run` and the usage errors they find
+    (an impossible --max-vram) import torch, not diffusers, transformers or peft (2-core CPU machine: 7.1 -> 1.7 s)."""
+    sd1 = str(CONFIGS / "sd1")
+    code = ("import sys\nfrom sdrun.cli import cli\n"
+            f"for args in (['plan', 'a fox', '--model', {sd1!r}, '--device', 'cuda', '--max-vram', '4'],\n"
+            f"             ['a fox', '--model', {sd1!r}, '--dry-run'],\n"
+            f"             ['plan', 'a fox', '--model', {sd1!r}, '--device', 'cuda', '--max-vram', '0.2']):\n"
+            "    try:\n        print('exit', cli.main(args) or 0)\n    except SystemExit as end:\n        print('exit', end.code)\n"
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'accelerate', 'peft') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    lines = done.stdout.strip().splitlines()
+    assert lines[-1] == "['torch']", done.stdout + done.stderr
+    assert [line for line in lines if line.startswith("exit")] == ["exit 0", "exit 0", "exit 2"], done.stdout + done.stderr
+    assert any(line.startswith("predicted peak") for line in lines) and "--max-vram" in done.stderr
 
 
 def test_bench_measures_plain_diffusers_and_each_usable_flag(sdrun):

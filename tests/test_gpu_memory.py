@@ -37,7 +37,7 @@ def test_fp8_unet_error_is_bounded_and_no_worse_than_layerwise_casting():
     from diffusers import UNet2DConditionModel
 
     from sdrun.fp8_storage import store_in_fp8
-    from sdrun.models import CONFIGS
+    from sdrun.model_source import CONFIGS
 
     config = UNet2DConditionModel.load_config(CONFIGS / "sd1" / "unet")
 

@@ -27,7 +27,8 @@ RATIO = 1.2
 MEASURE = """
 import gc, json, sys
 import torch
-from sdrun.models import load_pipeline, resolve_model
+from sdrun.model_source import resolve_model
+from sdrun.models import load_pipeline
 
 def status(field):
     return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field + ":"))

@@ -19,7 +19,8 @@ from safetensors.torch import save_file
 from conftest import TINY
 from sd_layout import pipeline_to_original, tiny_folder
 from sdrun import models
-from sdrun.models import CONFIGS, build_tiny
+from sdrun.model_source import CONFIGS
+from sdrun.models import build_tiny
 
 TINY_CONFIG = ("--config", str(CONFIGS / "tiny"))
 UNET_CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"

@@ -24,7 +24,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from sd_layout import (clip_to_original, open_clip_to_original, pipeline_to_original, save_config_folder,
                        tiny_model_folder, tiny_sdxl, unet_to_original, vae_to_original)  # noqa: F401 (fixture)
 from sdrun.errors import ModelError
-from sdrun.models import CONFIGS, build_tiny, detect_family, load_pipeline, resolve_model, tokenizer
+from sdrun.model_source import CONFIGS, detect_family, resolve_model
+from sdrun.models import build_tiny, load_pipeline, tokenizer
 
 # Published parameter counts: UNet, VAE, text encoder(s).
 PARAMETERS = {
@@ -257,6 +258,7 @@ def tiny_sd2(tmp_path, monkeypatch):
         pipe.unet.register_to_config(sample_size=sample_size, upcast_attention=upcast)
         pipe.vae.register_to_config(sample_size=sample_size * 2)
         save_config_folder(pipe, configs / family)
+    monkeypatch.setattr("sdrun.model_source.CONFIGS", configs)  # planning reads it there, loading here
     monkeypatch.setattr("sdrun.models.CONFIGS", configs)
     return pipe
 
