@@ -81,6 +81,8 @@ def merge(plan: dict, files: dict[int, list[dict]]) -> tuple[list[dict], "Summar
     `plan` is what process 0 wrote before rendering (every item described, its owner, the bad-line count);
     `files` maps each process to its records. A process that ended (even early: --fail-fast, a full disk) wrote a
     summary record last; the unreported items of one that did not were lost with it."""
+    from sdrun.batch import Summary
+
     records = [record for process in files.values() for record in process if "status" in record]
     reported = {record["index"] for record in records if "index" in record}
     summaries = {k: record["summary"] for k, process in files.items() for record in process if "summary" in record}
@@ -88,8 +90,6 @@ def merge(plan: dict, files: dict[int, list[dict]]) -> tuple[list[dict], "Summar
                 "was killed): rerun with --skip-existing to make it"}
                for item, owner in zip(plan["items"], plan["owners"])
                if item["index"] not in reported and owner not in summaries]
-    from sdrun.batch import Summary
-
     count = Counter(record["status"] for record in records + missing)
     summary = Summary(total=len(plan["items"]) + plan["bad_lines"], done=count["ok"], skipped=count["skipped"],
                       failed=count["failed"], out_of_memory=sum(s["out_of_memory"] for s in summaries.values()),
