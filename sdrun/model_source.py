@@ -175,6 +175,7 @@ def folder_family(folder: Path) -> str:
 
 
 def family_of_config(folder: Path) -> str:
+    """The family a diffusers (config) folder describes: its pipeline class, its UNet's text width, its prediction."""
     def read(name: str) -> dict:  # a part missing here makes the loader fail with its own message
         return read_json(folder / name, CONFIG_FIX) if (folder / name).is_file() else {}
 
@@ -184,6 +185,7 @@ def family_of_config(folder: Path) -> str:
 
 
 def family_from(is_xl: bool, cross_attention_dim: int, prediction_type: str | None) -> str:
+    """"sdxl", "sd2-v", "sd2" or "sd1", from what a pipeline's configs say."""
     if is_xl:
         return "sdxl"
     if cross_attention_dim == 1024:  # OpenCLIP ViT-H states: SD 2.x
