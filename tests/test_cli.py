@@ -302,34 +302,39 @@ def _handlers_installed(pid: int, timeout: float = 60) -> float:
     raise AssertionError(f"process {pid} never installed its signal handlers")
 
 
+def cli_in_fresh_python(commands: list[list[str]], libraries: tuple[str, ...]):
+    """Runs each argument list through the CLI in one new interpreter; returns its stdout lines (an "exit N" line per
+    command, then the sorted `libraries` it had imported) and the finished process."""
+    code = ("import sys\nfrom sdrun.cli import cli\n"
+            f"for args in {commands!r}:\n"
+            "    try:\n        print('exit', cli.main(args) or 0)\n"
+            "    except SystemExit as end:\n        print('exit', end.code)\n"
+            f"print(sorted(m for m in {libraries!r} if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    return done.stdout.strip().splitlines(), done
+
+
 def test_help_version_usage_and_prompt_file_errors_come_before_torch_is_imported(tmp_path):
     """Issue 9: the command line answers at once; torch, diffusers and transformers load only to do work. A
     prompt file that cannot be read, or (with --fail-fast) has a bad line, is such an error."""
     bad_line = tmp_path / "p.jsonl"
     bad_line.write_text('{"prompt": "a fox"}\n{"prompt": "a cat", "steps": 0}\n')
-    code = ("import sys\nfrom sdrun.cli import cli\n"
-            "for args in (['--help'], ['--version'], ['run', '--help'], ['plan', '--help'], ['a fox', '-W', '63'],\n"
-            "             ['a fox', '--guidance', 'nan'], ['a fox', '--hires', '4k'],\n"
-            f"             ['--prompt-file', {str(tmp_path / 'missing.txt')!r}],\n"
-            f"             ['--prompt-file', {str(bad_line)!r}, '--fail-fast']):\n"
-            "    try:\n        print('exit', cli.main(args) or 0)\n    except SystemExit as end:\n        print('exit', end.code)\n"
-            "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    lines = done.stdout.strip().splitlines()
+    lines, done = cli_in_fresh_python(
+        [["--help"], ["--version"], ["run", "--help"], ["plan", "--help"], ["a fox", "-W", "63"],
+         ["a fox", "--guidance", "nan"], ["a fox", "--hires", "4k"], ["--prompt-file", str(tmp_path / "missing.txt")],
+         ["--prompt-file", str(bad_line), "--fail-fast"]], ("torch", "diffusers", "transformers"))
     assert lines[-1] == "[]", done.stdout + done.stderr
     assert [line for line in lines if line.startswith("exit")] == ["exit 0"] * 4 + ["exit 2"] * 5
     assert "cannot read prompt file" in done.stderr and "line 2: steps 0 is outside 1..1000" in done.stderr
 
 
+HEAVY = ("torch", "diffusers", "transformers", "accelerate", "peft")
+
+
 def test_info_imports_only_what_it_reports():
     """Issue 9: `sdrun info` reports the libraries' versions from their install records and asks torch about the
     GPU; it imports torch, not diffusers, transformers, accelerate or peft (2-core CPU machine: 6.3 -> 1.7 s)."""
-    code = ("import sys\nfrom sdrun.cli import cli\n"
-            "try:\n    print('exit', cli.main(['info', '--no-selftest']) or 0)\nexcept SystemExit as end:\n"
-            "    print('exit', end.code)\n"
-            "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'accelerate', 'peft') if m in sys.modules))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    lines = done.stdout.strip().splitlines()
+    lines, done = cli_in_fresh_python([["info", "--no-selftest"]], HEAVY)
     assert lines[-2:] == ["exit 0", "['torch']"], done.stdout + done.stderr
     assert any(line.startswith("diffusers ") and line.split()[1][0].isdigit() for line in lines), done.stdout
 
@@ -338,16 +343,13 @@ def test_plan_and_dry_run_import_no_diffusers():
     """A plan reads configs only (sdrun/model_source.py): `sdrun plan`, `--dry-run` and the usage errors they find
     (an impossible --max-vram) import torch, not diffusers, transformers or peft (2-core CPU machine: 7.1 -> 1.7 s)."""
     sd1 = str(CONFIGS / "sd1")
-    code = ("import sys\nfrom sdrun.cli import cli\n"
-            f"for args in (['plan', 'a fox', '--model', {sd1!r}, '--device', 'cuda', '--max-vram', '4'],\n"
-            f"             ['a fox', '--model', {sd1!r}, '--dry-run'],\n"
-            f"             ['plan', 'a fox', '--model', {sd1!r}, '--device', 'cuda', '--max-vram', '0.2']):\n"
-            "    try:\n        print('exit', cli.main(args) or 0)\n    except SystemExit as end:\n        print('exit', end.code)\n"
-            "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'accelerate', 'peft') if m in sys.modules))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    lines = done.stdout.strip().splitlines()
+    lines, done = cli_in_fresh_python(
+        [["plan", "a fox", "--model", sd1, "--device", "cuda", "--max-vram", "4"],
+         ["a fox", "--model", sd1, "--dry-run"],
+         ["plan", "a fox", "--model", sd1, "--device", "cuda", "--max-vram", "0.2"]], HEAVY)
     assert lines[-1] == "['torch']", done.stdout + done.stderr
-    assert [line for line in lines if line.startswith("exit")] == ["exit 0", "exit 0", "exit 2"], done.stdout + done.stderr
+    exits = [line for line in lines if line.startswith("exit")]
+    assert exits == ["exit 0", "exit 0", "exit 2"], done.stdout + done.stderr
     assert any(line.startswith("predicted peak") for line in lines) and "--max-vram" in done.stderr
 
 
