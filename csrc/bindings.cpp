@@ -1,6 +1,6 @@
 // The only torch-facing C++ of sdrun: checks inputs, fills the kernels' plain parameter structs (MemEffAttnParams,
-// Fp8WidenParams), launches on the current stream. Built by setup.py (extension sdrun._C) or just in time by
-// sdrun/ops/_ext.py, together with mem_eff_attn.cu and fp8_widen.cu.
+// Fp8WidenParams, GroupNormParams), launches on the current stream. Built by setup.py (extension sdrun._C) or just
+// in time by sdrun/ops/_ext.py, together with mem_eff_attn.cu, fp8_widen.cu and group_norm.cu.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -10,6 +10,7 @@
 #include <optional>
 
 #include "fp8_widen.h"
+#include "group_norm.h"
 #include "mem_eff_attn.h"
 
 // Messages are built with std::string and passed as one const char*: streaming numbers through TORCH_CHECK's
@@ -101,6 +102,68 @@ at::Tensor mem_eff_attn_fwd_torch(at::Tensor q, at::Tensor k, at::Tensor v, doub
     return out;
 }
 
+static GnDtype gn_dtype(at::ScalarType t) {
+    return t == at::kHalf ? GnDtype::kHalf : t == at::kBFloat16 ? GnDtype::kBFloat16 : GnDtype::kFloat;
+}
+
+// x: (batch, channels, *pixels), float16, bfloat16 or float32, contiguous (NCHW) or, with 4 dimensions, channels-last
+// (NHWC); weight and bias: (channels,) in x's dtype or float32, or absent. Returns GroupNorm(x), then SiLU when
+// `silu`, in x's dtype and memory format.
+at::Tensor group_norm(at::Tensor x, int64_t groups, std::optional<at::Tensor> weight, std::optional<at::Tensor> bias,
+                      double eps, bool silu) {
+    CHECK_DEVICE(x);
+    CHECK_MSG(x.dim() >= 3, "x must have at least 3 dimensions (batch, channels, pixels...), got " + str(x.dim()));
+    const auto dtype = x.scalar_type();
+    TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat,
+                "x must be float16, bfloat16 or float32");
+    const int64_t batch = x.size(0), channels = x.size(1), pixels = x.numel() / std::max<int64_t>(batch * channels, 1);
+    CHECK_MSG(groups >= 1 && channels % groups == 0,
+              "channels (" + str(channels) + ") must be a multiple of groups (" + str(groups) + ")");
+    const bool channels_last = x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+    TORCH_CHECK(channels_last || x.is_contiguous(), "x must be contiguous or, with 4 dimensions, channels-last");
+    const int64_t per_vector = dtype == at::kFloat ? 4 : 8;  // the kernels read 16-byte vectors
+    CHECK_MSG(channels_last ? channels % per_vector == 0 : pixels % per_vector == 0,
+              std::string(channels_last ? "channels" : "pixels (the product of the dimensions after channels)") +
+                  " must be a multiple of " + str(per_vector) + " for this dtype, got " +
+                  str(channels_last ? channels : pixels));
+    CHECK_MSG(!channels_last || channels <= 2048, "channels-last x may have at most 2048 channels, got " + str(channels));
+    TORCH_CHECK(batch <= INT32_MAX && channels <= INT32_MAX && groups <= INT32_MAX, "sizes out of range");
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "x must be 16-byte aligned");
+    CHECK_MSG(std::isfinite(eps) && eps > 0, "eps must be a positive finite number, got " + std::to_string(eps));
+    at::ScalarType param_dtype = dtype;
+    for (const auto *param : {&weight, &bias}) {
+        if (!param->has_value()) continue;
+        const at::Tensor &t = param->value();
+        CHECK_DEVICE(t);
+        TORCH_CHECK(t.device() == x.device(), "weight and bias must be on x's device");
+        CHECK_SHAPE(t, channels);
+        TORCH_CHECK(t.is_contiguous(), "weight and bias must be contiguous");
+        TORCH_CHECK(t.scalar_type() == dtype || t.scalar_type() == at::kFloat,
+                    "weight and bias must have x's dtype or float32");
+        param_dtype = t.scalar_type();
+    }
+    TORCH_CHECK(!(weight.has_value() && bias.has_value()) || weight->scalar_type() == bias->scalar_type(),
+                "weight and bias must have the same dtype");
+
+    at::cuda::CUDAGuard device_guard{x.device()};
+    at::Tensor y = at::empty_like(x, channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+    if (x.numel() == 0) return y;
+    const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    GroupNormParams p{};
+    p.pixels = pixels; p.batch = int(batch); p.channels = int(channels); p.groups = int(groups);
+    p.splits = group_norm_splits(pixels, p.batch, p.channels, p.groups, channels_last, sms);
+    at::Tensor partials = at::empty({batch * groups * p.splits * 3}, x.options().dtype(at::kFloat));
+    at::Tensor scale_shift = at::empty({batch * channels * 2}, x.options().dtype(at::kFloat));
+    p.x = x.data_ptr(); p.y = y.data_ptr();
+    p.weight = weight.has_value() ? weight->data_ptr() : nullptr;
+    p.bias = bias.has_value() ? bias->data_ptr() : nullptr;
+    p.partials = partials.data_ptr<float>(); p.scale_shift = scale_shift.data_ptr<float>();
+    p.eps = float(eps); p.channels_last = channels_last; p.silu = silu;
+    p.dtype = gn_dtype(dtype); p.param_dtype = gn_dtype(param_dtype);
+    C10_CUDA_CHECK(group_norm_fwd(p, at::cuda::getCurrentCUDAStream()));  // launch errors; never synchronizes
+    return y;
+}
+
 // Ops live in the dispatcher (torch.ops.sdrun_C.*): torch translates their errors into Python exceptions itself.
 at::Tensor fwd(at::Tensor q, at::Tensor k, at::Tensor v, double scale, int64_t variant) {
     return mem_eff_attn_fwd_torch(q, k, v, scale, std::nullopt, variant);
@@ -130,11 +193,13 @@ TORCH_LIBRARY(sdrun_C, m) {
     m.def("fwd_out(Tensor q, Tensor k, Tensor v, float scale, Tensor(a!) out, int variant=0) -> ()");
     m.def("bucket(int head_dim) -> int", &bucket);
     m.def("widen_fp8(Tensor src, ScalarType dtype) -> Tensor");
+    m.def("group_norm(Tensor x, int groups, Tensor? weight, Tensor? bias, float eps, bool silu) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(sdrun_C, CUDA, m) {
     m.impl("fwd", &fwd);
     m.impl("fwd_out", &fwd_out);
     m.impl("widen_fp8", &widen_fp8);
+    m.impl("group_norm", &group_norm);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {}  // importing the module registers the ops above

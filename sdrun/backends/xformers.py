@@ -1,4 +1,5 @@
-"""--xformers (alias --mem-efficient-attention): sdrun's bundled CUDA attention kernel, not the xformers package.
+"""--xformers (alias --mem-efficient-attention): sdrun's bundled CUDA kernels, not the xformers package: its
+attention, and its GroupNorm fused with the SiLU after it in the UNet (sdrun/ops/norms.py).
 
 Attention modules the kernel does not cover (the VAE's single 512-wide head) stay on PyTorch attention; that is
 decided once, in `install`, and reported in one line. The kernel's module is imported only when the flag is used
@@ -28,9 +29,10 @@ def prepare(_device):
 
 
 def apply(pipe, _device):
+    from sdrun.ops.norms import install_fused_norms
     from sdrun.ops.processor import install
 
-    return install(pipe).summary()
+    return f"{install(pipe).summary()}; {install_fused_norms(pipe.unet).summary()}"
 
 
 BACKEND = Backend(

@@ -96,17 +96,24 @@ def tiled(denoiser, windows: Windows):
     if len(boxes) == 1:
         return denoiser  # one window is the whole canvas: the untiled pass itself
 
+    on_device = {}  # the weight maps and their sum on the latents' device, made on the first step, not every step
+
     def tiled_denoiser(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if x.device not in on_device:
+            device_maps = [weights.to(x.device, torch.float32) for weights in maps]
+            weight_sum = torch.zeros(x.shape[-2:], dtype=torch.float32, device=x.device)
+            for (top, left, h, w), weights in zip(boxes, device_maps):
+                weight_sum[top:top + h, left:left + w] += weights
+            on_device[x.device] = device_maps, weight_sum
+        device_maps, weight_sum = on_device[x.device]
         total = torch.zeros_like(x, dtype=torch.float32)
-        weight_sum = torch.zeros(x.shape[-2:], dtype=torch.float32, device=x.device)
         for first in range(0, len(boxes), windows.batch):
             group = boxes[first:first + windows.batch]
             crops = torch.cat([x[:, :, top:top + h, left:left + w] for top, left, h, w in group])
             predictions = denoiser(crops, t, copies=len(group)).float().chunk(len(group))
-            for (top, left, h, w), prediction, weights in zip(group, predictions, maps[first:first + windows.batch]):
-                weights = weights.to(x.device, torch.float32)
+            for (top, left, h, w), prediction, weights in zip(group, predictions,
+                                                               device_maps[first:first + windows.batch]):
                 total[:, :, top:top + h, left:left + w] += prediction * weights
-                weight_sum[top:top + h, left:left + w] += weights
         return (total / weight_sum).to(x.dtype)
 
     return tiled_denoiser

@@ -1,0 +1,133 @@
+"""Where a UNet forward's GPU time goes, by kind of kernel, and what a CUDA graph replay of it costs.
+
+SD 1.5 architecture, random weights, fp16, PyTorch SDPA (or sdrun's kernel with --xformers, and sdrun's fused
+GroupNorm + SiLU with --fused-norms). For each case: the replayed forward in ms (CUDA events, median of 20) and
+the profiler's GPU time per kernel kind for one eager forward. Kernel kinds are read from the kernel names
+(cuDNN's and CUTLASS's convolutions, layout transposes, GroupNorm's kernels, GEMMs, attention, elementwise).
+
+    python bench/unet_profile.py [--cases 512x2,512x2cl,512x32cl,1024x2] [--xformers] [--fused-norms]
+"""
+
+import argparse
+import collections
+import re
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from diffusers import UNet2DConditionModel  # noqa: E402
+
+from sdrun import models  # noqa: E402
+
+KINDS = (  # first match wins
+    ("layout transpose", r"nchwToNhwc|nhwcToNchw|convertTensor|transpose"),
+    ("group norm", r"GroupNorm|group_norm|RowwiseMoments|ComputeFusedParams|sdrun_group_norm"),
+    ("attention", r"fmha|flash|attn|attention|cudnn_generated_fort_native_sdpa|mem_eff"),
+    ("convolution", r"conv|implicit_gemm|xmma_fprop|sm90_xmma|dgrad|fprop|cudnn"),
+    ("gemm", r"gemm|cutlass|nvjet|ampere_|sm80_|sm90_"),
+    ("layer norm", r"layer_norm|LayerNorm"),
+    ("elementwise", r"elementwise|vectorized|unrolled|silu|gelu|add|mul|copy|cat|Reduce|reduce"),
+)
+
+
+def kind_of(name: str) -> str:
+    for kind, pattern in KINDS:
+        if re.search(pattern, name, re.IGNORECASE):
+            return kind
+    return "other"
+
+
+def replayed_ms(unet, sample, context) -> float:
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.no_grad():
+        for _ in range(3):
+            unet(sample, 500, context)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        unet(sample, 500, context)
+    times = []
+    for i in range(25):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        if i >= 5:
+            times.append(start.elapsed_time(end))
+    del graph
+    return statistics.median(times)
+
+
+def profile(unet, sample, context) -> dict[str, float]:
+    with torch.no_grad():
+        unet(sample, 500, context)
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            unet(sample, 500, context)
+            torch.cuda.synchronize()
+    totals = collections.Counter()
+    names = collections.Counter()
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            totals[kind_of(event.name)] += event.device_time / 1000
+            names[event.name[:90]] += event.device_time / 1000
+    return totals, names
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--cases", default="512x2,512x2cl,512x32cl,1024x2")
+    parser.add_argument("--xformers", action="store_true")
+    parser.add_argument("--fused-norms", action="store_true")
+    parser.add_argument("--top", type=int, default=0, help="also list the N costliest kernels of each case")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(models.CONFIGS / "sd1" / "unet"))
+    unet = unet.half().eval()
+    if args.xformers:
+        from sdrun import ops
+        from sdrun.ops.processor import install
+
+        ops.load()
+        install(unet)
+    if args.fused_norms:
+        from sdrun.ops.norms import install_fused_norms
+
+        install_fused_norms(unet)
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, xformers={args.xformers}, "
+          f"fused norms={args.fused_norms}")
+    rows = []
+    for case in args.cases.split(","):
+        size, rest = case.split("x")
+        channels_last = rest.endswith("cl")
+        batch = int(rest.removesuffix("cl"))
+        unet.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        sample = torch.randn(batch, 4, int(size) // 8, int(size) // 8, device="cuda", dtype=torch.float16)
+        if channels_last:
+            sample = sample.to(memory_format=torch.channels_last)
+        context = torch.randn(batch, 77, 768, device="cuda", dtype=torch.float16)
+        graph_ms = replayed_ms(unet, sample, context)
+        totals, names = profile(unet, sample, context)
+        rows.append((case, graph_ms, totals))
+        if args.top:
+            print(f"## {case}: costliest kernels, ms")
+            for name, ms in names.most_common(args.top):
+                print(f"  {ms:8.3f}  {name}")
+        torch.cuda.empty_cache()
+    kinds = [kind for kind, _ in KINDS] + ["other"]
+    print("| case | replayed ms | eager GPU ms | " + " | ".join(kinds) + " |")
+    print("|---" * (len(kinds) + 3) + "|")
+    for case, graph_ms, totals in rows:
+        print(f"| {case} | {graph_ms:.2f} | {sum(totals.values()):.2f} | "
+              + " | ".join(f"{totals.get(kind, 0):.2f}" for kind in kinds) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""GroupNorm, fused with the SiLU that follows it, on sdrun's kernel (csrc/group_norm.cu), and its place in the UNet.
+
+    group_norm(x, groups, weight, bias, eps, silu=False) -> GroupNorm(x), then SiLU when `silu`
+
+runs the kernel for CUDA tensors it supports (float16, bfloat16 or float32; NCHW with a multiple of 8 pixels, 4
+for float32, or channels-last with such a multiple of channels) once the extension is loaded, and PyTorch's
+GroupNorm and SiLU otherwise, so the UNet runs anywhere. `install_fused_norms(unet)` puts it on every GroupNorm of
+the UNet: each ResNet block's two norms run fused with their SiLU (the block's forward is diffusers' default one
+with that one change, and only blocks of that shape are changed), each transformer's input norm runs plain, and the
+output norm runs fused with the SiLU after it. The VAE is left alone: its tiled decode replaces GroupNorm's
+statistics (render/shared_norm_tiles.py).
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sdrun.ops import _ext
+
+
+def kernel_takes(x: torch.Tensor) -> bool:
+    """Whether the kernel computes this x (the binding's checks, made here so that other inputs go to PyTorch)."""
+    if not x.is_cuda or x.dim() < 3 or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return False
+    if not _ext.loaded() or _ext.get(x.device).group_norm is None:
+        return False
+    per_vector = 4 if x.dtype == torch.float32 else 8
+    if x.data_ptr() % 16:
+        return False
+    if x.is_contiguous():
+        return x[0, 0].numel() % per_vector == 0
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and x.shape[1] % per_vector == 0 \
+        and x.shape[1] <= 2048
+
+
+def group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+               silu: bool = False) -> torch.Tensor:
+    """GroupNorm of x (then SiLU when `silu`): the kernel where it applies (see kernel_takes), else PyTorch."""
+    if kernel_takes(x) and x.shape[1] % groups == 0:
+        return _ext.get(x.device).group_norm(x, groups, weight, bias, eps, silu)
+    y = F.group_norm(x, groups, weight, bias, eps)
+    return F.silu(y) if silu else y
+
+
+class FusedGroupNorm(nn.GroupNorm):
+    """nn.GroupNorm (same parameters, same state-dict keys) that runs sdrun's kernel, with SiLU after it when
+    `silu`."""
+
+    def __init__(self, norm: nn.GroupNorm, silu: bool):
+        super().__init__(norm.num_groups, norm.num_channels, norm.eps, affine=False)
+        self.weight, self.bias = norm.weight, norm.bias  # the same Parameters, not copies
+        self.affine, self.silu = norm.affine, silu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.silu)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", silu={self.silu}"
+
+
+def fused_resnet_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None, *args, **kwargs):
+    """diffusers' ResnetBlock2D.forward (0.42) for blocks that neither resample nor scale-shift, with norm1 and
+    norm2 computing the SiLU that follows each (the block's own nonlinearity still activates the time embedding)."""
+    hidden_states = self.conv1(self.norm1(input_tensor))
+    if self.time_emb_proj is not None:
+        if not self.skip_time_act:
+            temb = self.nonlinearity(temb)
+        temb = self.time_emb_proj(temb)[:, :, None, None]
+    if temb is not None:
+        hidden_states = hidden_states + temb
+    hidden_states = self.conv2(self.dropout(self.norm2(hidden_states)))
+    if self.conv_shortcut is not None:
+        input_tensor = self.conv_shortcut(input_tensor)
+    return (input_tensor + hidden_states) / self.output_scale_factor
+
+
+@dataclass
+class NormsReport:
+    fused_with_silu: int = 0
+    plain: int = 0
+    left: list[str] | None = None  # GroupNorms left on PyTorch, by module name
+
+    def summary(self) -> str:
+        line = f"{self.fused_with_silu + self.plain} UNet GroupNorms use the sdrun kernel " \
+               f"({self.fused_with_silu} fused with their SiLU)"
+        if self.left:
+            line += f"; {len(self.left)} stay on PyTorch ({', '.join(self.left)}): their blocks have another shape"
+        return line
+
+
+def _resnet_fusable(block) -> bool:
+    return (isinstance(block.norm1, nn.GroupNorm) and isinstance(block.norm2, nn.GroupNorm)
+            and isinstance(block.nonlinearity, nn.SiLU) and block.upsample is None and block.downsample is None
+            and block.time_embedding_norm == "default")
+
+
+def install_fused_norms(unet: nn.Module) -> NormsReport:
+    """Put the kernel on the UNet's GroupNorms (the module docstring says which, and how)."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    report = NormsReport(left=[])
+    fused: set[int] = set()
+    for name, module in unet.named_modules():
+        if isinstance(module, ResnetBlock2D) and _resnet_fusable(module):
+            module.norm1, module.norm2 = FusedGroupNorm(module.norm1, True), FusedGroupNorm(module.norm2, True)
+            module.forward = types.MethodType(fused_resnet_forward, module)
+            fused.update((id(module.norm1), id(module.norm2)))
+            report.fused_with_silu += 2
+    if isinstance(getattr(unet, "conv_norm_out", None), nn.GroupNorm) and isinstance(unet.conv_act, nn.SiLU):
+        unet.conv_norm_out, unet.conv_act = FusedGroupNorm(unet.conv_norm_out, True), nn.Identity()
+        fused.add(id(unet.conv_norm_out))
+        report.fused_with_silu += 1
+    for parent_name, parent in list(unet.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            if id(child) in fused or not isinstance(child, nn.GroupNorm):
+                continue
+            if type(parent).__name__ == "Transformer2DModel" and child_name == "norm":
+                setattr(parent, child_name, FusedGroupNorm(child, False))
+                report.plain += 1
+            else:
+                report.left.append(f"{parent_name}.{child_name}" if parent_name else child_name)
+    return report

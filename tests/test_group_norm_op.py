@@ -1,0 +1,160 @@
+"""sdrun's GroupNorm (+ SiLU) kernel (csrc/group_norm.cu) against a float32 reference, and its place in the UNet.
+
+GPU (marked `cuda`): fresh random inputs with a mean far from zero (the case where a sum of squares cancels), SD's
+shapes in NCHW and channels-last, every dtype, weights in the input's dtype or float32 or absent, the binding's
+refusals, CUDA graph capture, and the UNet with the kernel against the UNet without it. CPU: the UNet with
+`install_fused_norms` computes exactly what diffusers' own blocks compute (there `group_norm` is PyTorch's).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sdrun.ops as ops
+from sdrun.ops import norms
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def reference(x, groups, weight, bias, eps, silu):
+    y = F.group_norm(x.double(), groups, None if weight is None else weight.double(),
+                     None if bias is None else bias.double(), eps)
+    return (F.silu(y) if silu else y).float()
+
+
+def inputs(shape, dtype, channels_last, seed, offset=3.0):
+    generator = torch.Generator("cuda").manual_seed(seed)
+    x = torch.randn(*shape, device="cuda", generator=generator) * 2 + offset  # mean 3, std 2: no trivial cancel
+    channels = shape[1]
+    weight = torch.randn(channels, device="cuda", generator=generator) + 1
+    bias = torch.randn(channels, device="cuda", generator=generator)
+    x = x.to(dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    return x, weight, bias
+
+
+TOLERANCE = {torch.float16: 1.5e-2, torch.bfloat16: 8e-2, torch.float32: 2e-4}  # a few units of the last place
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape", [(2, 320, 64, 64), (2, 640, 32, 32), (2, 1280, 8, 8), (32, 320, 64, 64),
+                                   (1, 128, 96, 80), (3, 64, 5, 8), (2, 1280, 17, 24)])
+@pytest.mark.parametrize("silu", [True, False])
+def test_kernel_matches_the_float32_reference(dtype, channels_last, shape, silu):
+    ops.load()
+    x, weight, bias = inputs(shape, dtype, channels_last, seed=sum(shape))
+    if dtype != torch.float32:
+        weight, bias = weight.to(dtype), bias.to(dtype)
+    assert norms.kernel_takes(x)
+    y = norms.group_norm(x, 32, weight, bias, 1e-5, silu)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    expected = reference(x, 32, weight, bias, 1e-5, silu)
+    error = (y.float() - expected).abs().max().item()
+    assert error <= TOLERANCE[dtype] * max(1.0, expected.abs().max().item() / 4), error
+
+
+@cuda
+@pytest.mark.cuda
+def test_float32_weights_no_weights_and_a_large_offset():
+    ops.load()
+    x, weight, bias = inputs((2, 320, 32, 32), torch.float16, False, seed=5, offset=200.0)  # mean 200, std 2
+    for w, b in ((weight, bias), (None, None)):
+        y = norms.group_norm(x, 32, w, b, 1e-6, True)
+        expected = reference(x, 32, w, b, 1e-6, True)
+        assert (y.float() - expected).abs().max().item() < 0.05  # fp16 input rounding at 200 is 0.125: of std 2
+
+
+@cuda
+@pytest.mark.cuda
+def test_the_binding_refuses_what_it_cannot_compute():
+    ops.load()
+    group_norm = ops._ext.get().group_norm
+    x = torch.randn(2, 320, 7, 7, device="cuda", dtype=torch.float16)  # 49 pixels: not a multiple of 8
+    assert not norms.kernel_takes(x)
+    with pytest.raises(RuntimeError, match="pixels .* must be a multiple of 8"):
+        group_norm(x, 32, None, None, 1e-5, False)
+    with pytest.raises(RuntimeError, match="multiple of groups"):
+        group_norm(torch.randn(2, 30, 8, 8, device="cuda", dtype=torch.float16), 32, None, None, 1e-5, False)
+    with pytest.raises(RuntimeError, match="must have shape"):
+        group_norm(torch.randn(2, 64, 8, 8, device="cuda"), 32, torch.ones(32, device="cuda"), None, 1e-5, False)
+    expected = reference(x, 32, None, None, 1e-5, True)  # the wrapper sends it to PyTorch instead
+    assert (norms.group_norm(x, 32, None, None, 1e-5, True).float() - expected).abs().max().item() < 1.5e-2
+
+
+@cuda
+@pytest.mark.cuda
+def test_captured_in_a_cuda_graph():
+    ops.load()
+    x, weight, bias = inputs((2, 640, 32, 32), torch.float16, True, seed=9)
+    weight, bias = weight.half(), bias.half()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        norms.group_norm(x, 32, weight, bias, 1e-5, True)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = norms.group_norm(x, 32, weight, bias, 1e-5, True)
+    x.copy_(torch.randn_like(x) * 3 - 1)  # new values, same addresses
+    graph.replay()
+    torch.cuda.synchronize()
+    assert (y.float() - reference(x, 32, weight, bias, 1e-5, True)).abs().max().item() < 1.5e-2
+
+
+def _unet(device="cpu", dtype=torch.float32):
+    from diffusers import UNet2DConditionModel
+
+    from sdrun import models
+
+    torch.manual_seed(0)
+    config = UNet2DConditionModel.load_config(models.CONFIGS / "tiny" / "unet")
+    return UNet2DConditionModel.from_config(config).to(device, dtype).eval()
+
+
+def _unet_inputs(unet, device, dtype):
+    generator = torch.Generator("cpu").manual_seed(1)
+    sample = torch.randn(2, unet.config.in_channels, 16, 16, generator=generator).to(device, dtype)
+    context = torch.randn(2, 77, unet.config.cross_attention_dim, generator=generator).to(device, dtype)
+    return sample, context
+
+
+def test_installed_unet_computes_what_diffusers_blocks_compute():
+    """On the CPU `group_norm` is PyTorch's, so any difference would be the rewired blocks' own."""
+    unet = _unet()
+    sample, context = _unet_inputs(unet, "cpu", torch.float32)
+    with torch.no_grad():
+        expected = unet(sample, 500, context).sample
+        report = norms.install_fused_norms(unet)
+        got = unet(sample, 500, context).sample
+    assert torch.equal(got, expected)
+    count = sum(isinstance(m, torch.nn.GroupNorm) for m in unet.modules())
+    assert report.fused_with_silu + report.plain == count and not report.left
+    assert report.fused_with_silu > report.plain > 0
+    assert "GroupNorms use the sdrun kernel" in report.summary()
+    keys = set(unet.state_dict())
+    assert keys == set(_unet().state_dict())  # the same parameters under the same names: LoRA and fp8 still apply
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_unet_on_the_kernel_matches_pytorch(channels_last):
+    ops.load()
+    unet = _unet("cuda", torch.float16)
+    if channels_last:
+        unet.to(memory_format=torch.channels_last)
+    sample, context = _unet_inputs(unet, "cuda", torch.float16)
+    with torch.no_grad():
+        pytorch = unet(sample, 500, context).sample.float()
+        norms.install_fused_norms(unet)
+        kernel = unet(sample, 500, context).sample.float()
+    reference_unet = _unet("cuda", torch.float32)
+    with torch.no_grad():
+        exact = reference_unet(sample.float(), 500, context.float()).sample
+    # the kernel's error against float32 is no larger than PyTorch's own fp16 GroupNorm's, give or take rounding
+    assert (kernel - exact).abs().max() <= 1.5 * (pytorch - exact).abs().max() + 1e-3
