@@ -9,8 +9,8 @@
 // 1. statistics: every (image, group) is cut into `splits` pieces reduced by separate blocks. A thread sums
 //    16-byte vectors shifted by the first value it reads (so the sum of squares does not cancel catastrophically),
 //    turns them into (count, mean, M2), and threads merge those with Chan's parallel formula.
-// 2. finalize: one thread per (image, channel) merges its group's pieces and writes y = x * scale + shift's two
-//    coefficients (rstd * weight, bias - mean * rstd * weight).
+// 2. finalize: one warp per (image, group) merges its pieces and writes y = x * scale + shift's two coefficients
+//    for each of its channels (rstd * weight, bias - mean * rstd * weight).
 // 3. apply: one 16-byte vector per thread per iteration: scale, shift, SiLU, store.
 // So the tensor is read twice and written once, against PyTorch's two reads and one write plus SiLU's read and
 // write. Statistics and arithmetic are float32; the output is rounded once.
@@ -177,18 +177,22 @@ __device__ __forceinline__ float param(const void *values, int i, GnDtype dtype,
     }
 }
 
-__global__ void finalize(const GroupNormParams p) {
-    const int index = blockIdx.x * blockDim.x + threadIdx.x;  // image * channels + channel
-    if (index >= p.batch * p.channels) return;
-    const int image = index / p.channels, channel = index % p.channels;
-    const int group = channel / (p.channels / p.groups);
-    const float *piece = p.partials + (int64_t(image) * p.groups + group) * p.splits * 3;
+// One warp per (image, group): its lanes merge the group's pieces, then write its channels' coefficients.
+__global__ void __launch_bounds__(kThreads) finalize(const GroupNormParams p) {
+    const int group_index = (blockIdx.x * blockDim.x + threadIdx.x) / 32, lane = threadIdx.x % 32;
+    if (group_index >= p.batch * p.groups) return;  // the whole warp: group_index is the same in every lane
+    const float *piece = p.partials + int64_t(group_index) * p.splits * 3;
     Moments m{0.f, 0.f, 0.f};
-    for (int s = 0; s < p.splits; ++s) m = merge(m, Moments{piece[3 * s], piece[3 * s + 1], piece[3 * s + 2]});
-    const float rstd = rsqrtf(m.m2 / m.n + p.eps);
-    const float scale = rstd * param(p.weight, channel, p.param_dtype, 1.f);
-    p.scale_shift[2 * index] = scale;
-    p.scale_shift[2 * index + 1] = param(p.bias, channel, p.param_dtype, 0.f) - m.mean * scale;
+    for (int s = lane; s < p.splits; s += 32) m = merge(m, Moments{piece[3 * s], piece[3 * s + 1], piece[3 * s + 2]});
+    for (int offset = 16; offset > 0; offset /= 2) m = merge(m, shuffle_down(m, offset));
+    const float mean = __shfl_sync(0xffffffff, m.mean, 0), rstd = rsqrtf(__shfl_sync(0xffffffff, m.m2 / m.n, 0) + p.eps);
+    const int per_group = p.channels / p.groups, image = group_index / p.groups, group = group_index % p.groups;
+    for (int c = lane; c < per_group; c += 32) {
+        const int channel = group * per_group + c;
+        const float scale = rstd * param(p.weight, channel, p.param_dtype, 1.f);
+        float *out = p.scale_shift + 2 * (int64_t(image) * p.channels + channel);
+        out[0] = scale, out[1] = param(p.bias, channel, p.param_dtype, 0.f) - mean * scale;
+    }
 }
 
 template <typename T, bool kChannelsLast, bool kSilu>
@@ -240,7 +244,7 @@ cudaError_t launch(const GroupNormParams &p, cudaStream_t stream) {
     } else {
         stats_nchw<T><<<dim3(p.splits, p.batch * p.groups), kThreads, 0, stream>>>(p);
     }
-    finalize<<<(p.batch * p.channels + kThreads - 1) / kThreads, kThreads, 0, stream>>>(p);
+    finalize<<<(p.batch * p.groups * 32 + kThreads - 1) / kThreads, kThreads, 0, stream>>>(p);
     int device = 0, num_sms = 0;
     cudaGetDevice(&device);
     cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device);
