@@ -152,6 +152,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true",
                         help="add rows with the UNet compiled (COMPILES), for diffusers and sdrun in-process (minutes)")
     parser.add_argument("--rows", default="diffusers,in-process,cli", help="which of diffusers,in-process,cli")
+    parser.add_argument("--cli-flags", help="the CLI rows' flag sets, ';'-separated (default: "
+                        + "; ".join(" ".join(flags) for flags in CLI_FLAGS) + ")")
     parser.add_argument("--quick", action="store_true", help="4 steps, to check the script itself")
     parser.add_argument("--bytecode", action="store_true",
                         help="compile the libraries' bytecode first, in place, as an install does (see above)")
@@ -192,7 +194,8 @@ def main() -> None:
                 row(label, *sdrun_in_process(folder, size, steps, args.repeats, flags, compiled))
             except Exception as error:
                 print(f"| {case} | {label} | failed: {str(error).splitlines()[0][:150]} | | | |", flush=True)
-        for cli_flags in () if "cli" not in rows else CLI_FLAGS if DEVICE == "cuda" else ((),):
+        flag_sets = tuple(tuple(f.split()) for f in args.cli_flags.split(";")) if args.cli_flags else CLI_FLAGS
+        for cli_flags in () if "cli" not in rows else flag_sets if DEVICE == "cuda" else ((),):
             try:
                 best, median, overhead, peak, notes = sdrun_cli(folder, size, steps, args.images, cli_flags)
                 row(f"sdrun CLI {' '.join(cli_flags)} (median {median:.3f})", best, overhead, peak,

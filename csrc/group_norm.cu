@@ -22,6 +22,7 @@
 namespace {
 
 constexpr int kThreads = 256;
+constexpr int kMaxNhwcThreads = 512;  // a row of 16-byte vectors of 2048 float32 channels (the binding's limit)
 
 struct Moments {  // count, mean, sum of squared deviations
     float n, mean, m2;
@@ -137,7 +138,7 @@ __global__ void __launch_bounds__(kThreads) stats_nchw(const GroupNormParams p) 
 // same kN channels. The rows' per-channel moments meet in shared memory, then one thread per group merges its
 // channels' and writes the piece's moments.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) stats_nhwc(const GroupNormParams p) {
+__global__ void __launch_bounds__(kMaxNhwcThreads) stats_nhwc(const GroupNormParams p) {
     using V = Vec<T>;
     extern __shared__ Moments channel_moments[];  // [rows][channels]
     const int image = blockIdx.y, split = blockIdx.x;
@@ -237,7 +238,7 @@ cudaError_t launch(const GroupNormParams &p, cudaStream_t stream) {
     if (p.channels_last) {
         const int columns = p.channels / kN, rows = kThreads / columns > 0 ? kThreads / columns : 1;
         const int threads = rows * columns;
-        if (threads > 1024) return cudaErrorInvalidValue;  // the binding limits channels
+        if (threads > kMaxNhwcThreads) return cudaErrorInvalidValue;  // the binding limits channels
         const size_t smem = size_t(rows) * p.channels * sizeof(Moments);
         if (smem > 48 * 1024) return cudaErrorInvalidValue;
         stats_nhwc<T><<<dim3(p.splits, p.batch), threads, smem, stream>>>(p);

@@ -14,6 +14,10 @@ COVERAGE = ("every self- and cross-attention module of the UNet, an IP-Adapter's
             "attention, one kernel call each); left on PyTorch SDPA: modules whose head_dim is over 256 or not a "
             "multiple of 8 (the VAE's single 512-wide head) and modules with other processors or added key/value "
             "projections; each --xformers run names them")
+# ... and what `ops.norms.install_fused_norms` puts on its GroupNorm kernel
+NORM_COVERAGE = ("every GroupNorm of the UNet: a ResNet block's two and the output norm fused with the SiLU after "
+                 "them, a transformer's input norm alone; each call whose layout the kernel cannot read (an NCHW "
+                 "activation of a pixel count that is not a multiple of 8) runs on PyTorch's GroupNorm instead")
 
 
 def unavailable_reasons(device):
