@@ -42,15 +42,16 @@ def kind_of(name: str) -> str:
 
 
 def replayed_ms(unet, sample, context) -> float:
+    timestep = torch.tensor(500, device=sample.device)  # on the GPU: a graph cannot copy a host scalar in
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream), torch.no_grad():
         for _ in range(3):
-            unet(sample, 500, context)
+            unet(sample, timestep, context)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph), torch.no_grad():
-        unet(sample, 500, context)
+        unet(sample, timestep, context)
     times = []
     for i in range(25):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -65,11 +66,12 @@ def replayed_ms(unet, sample, context) -> float:
 
 
 def profile(unet, sample, context) -> dict[str, float]:
+    timestep = torch.tensor(500, device=sample.device)
     with torch.no_grad():
-        unet(sample, 500, context)
+        unet(sample, timestep, context)
         torch.cuda.synchronize()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            unet(sample, 500, context)
+            unet(sample, timestep, context)
             torch.cuda.synchronize()
     totals = collections.Counter()
     names = collections.Counter()

@@ -76,7 +76,9 @@ def fused_resnet_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | 
     hidden_states = self.conv2(self.dropout(self.norm2(hidden_states)))
     if self.conv_shortcut is not None:
         input_tensor = self.conv_shortcut(input_tensor)
-    return (input_tensor + hidden_states) / self.output_scale_factor
+    output = input_tensor + hidden_states
+    # SD's blocks scale by 1: x / 1.0 is x exactly, and skipping it saves a pass over the block's output
+    return output if self.output_scale_factor == 1 else output / self.output_scale_factor
 
 
 @dataclass
