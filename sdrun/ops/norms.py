@@ -14,7 +14,7 @@ statistics (render/shared_norm_tiles.py).
 from __future__ import annotations
 
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,7 @@ from sdrun.ops import _ext
 
 def kernel_takes(x: torch.Tensor) -> bool:
     """Whether the kernel computes this x (the binding's checks, made here so that other inputs go to PyTorch)."""
-    if not x.is_cuda or x.dim() < 3 or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if not x.is_cuda or x.dim() < 3 or x.numel() == 0 or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return False
     if not _ext.loaded() or _ext.get(x.device).group_norm is None:
         return False
@@ -41,7 +41,10 @@ def kernel_takes(x: torch.Tensor) -> bool:
 def group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
                silu: bool = False) -> torch.Tensor:
     """GroupNorm of x (then SiLU when `silu`): the kernel where it applies (see kernel_takes), else PyTorch."""
-    if kernel_takes(x) and x.shape[1] % groups == 0:
+    params = [p for p in (weight, bias) if p is not None]
+    dtypes = {p.dtype for p in params}  # the binding takes them on x's device, in one dtype: x's or float32
+    params_fit = all(p.device == x.device for p in params) and len(dtypes) <= 1 and dtypes <= {x.dtype, torch.float32}
+    if params_fit and kernel_takes(x) and x.shape[1] % groups == 0:
         return _ext.get(x.device).group_norm(x, groups, weight, bias, eps, silu)
     y = F.group_norm(x, groups, weight, bias, eps)
     return F.silu(y) if silu else y
@@ -85,7 +88,7 @@ def fused_resnet_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | 
 class NormsReport:
     fused_with_silu: int = 0
     plain: int = 0
-    left: list[str] | None = None  # GroupNorms left on PyTorch, by module name
+    left: list[str] = field(default_factory=list)  # GroupNorms left on PyTorch, by module name
 
     def summary(self) -> str:
         line = f"{self.fused_with_silu + self.plain} UNet GroupNorms use the sdrun kernel " \
@@ -105,7 +108,7 @@ def install_fused_norms(unet: nn.Module) -> NormsReport:
     """Put the kernel on the UNet's GroupNorms (the module docstring says which, and how)."""
     from diffusers.models.resnet import ResnetBlock2D
 
-    report = NormsReport(left=[])
+    report = NormsReport()
     fused: set[int] = set()
     for name, module in unet.named_modules():
         if isinstance(module, ResnetBlock2D) and _resnet_fusable(module):
