@@ -2,8 +2,9 @@
 # One device call: JIT-build the kernel (tuning build with SDRUN_TUNE=1), run the GPU tests, self-test, the
 # attention benchmark (ATTENTION=0 skips it), the end-to-end flags benchmark (FLAGS=1 runs it) and the 4K render
 # benchmark (RENDER=1), the end-to-end benchmark (E2E=1, E2E_ARGS) and the memory benchmark (MEMORY=1,
-# MEMORY_ARGS, and MEMORY_ONLY: row labels, which hold spaces, for its --only); with AOT=1 also
-# build the extension ahead of time through setup.py (sm_90a only) and check it loads as prebuilt.
+# MEMORY_ARGS, and MEMORY_ONLY: row labels, which hold spaces, for its --only), the GroupNorm kernel's benchmark and
+# the UNet's profile without and with sdrun's kernels (NORMS=1); with AOT=1 also build the extension ahead of time
+# through setup.py (sm_90a only) and check it loads as prebuilt.
 # Usage on the device machine:
 #   [SDRUN_TUNE=1 VARIANTS=0,1,2 BENCH_ARGS=--check] bash bench/gpu.sh [pytest args, default: the kernel tests]
 #   ATTENTION=0 FLAGS=1 bash bench/gpu.sh -m cuda tests/       # every GPU test, then bench/flags.py
@@ -38,6 +39,12 @@ fi
 if [ "${MEMORY:-0}" = 1 ]; then
   python3 bench/memory.py ${MEMORY_ARGS:-} ${MEMORY_ONLY:+--only "$MEMORY_ONLY"} 2>&1 | grep -v '^\[transformers\]' \
     | tee $OUT/memory.log
+fi
+if [ "${NORMS:-0}" = 1 ]; then
+  python3 bench/group_norm.py 2>&1 | tee $OUT/group_norm.log
+  for kernels in "" "--xformers --fused-norms"; do
+    python3 bench/unet_profile.py $kernels 2>&1 | grep -v '^\[transformers\]' | tee -a $OUT/unet_profile.log
+  done
 fi
 if [ "${AOT:-0}" = 1 ]; then
   ( time SDRUN_CUDA_ARCHS=9.0a NVCC_THREADS=4 python3 setup.py -q build_ext --inplace ) > $OUT/aot.log 2>&1 || tail -20 $OUT/aot.log
