@@ -41,7 +41,8 @@ def apply(pipe, _device):
 
 BACKEND = Backend(
     name="xformers",
-    brief="saves attention memory (linear in image area) and 15-20% of a UNet step; costs a 30 s build on first use",
+    brief="saves attention memory (linear in image area) and 15-20% of a UNet step (H100); costs a 30 s build on "
+    "first use",
     help="sdrun's own kernels (built for your torch; no xformers package needed): memory-efficient attention, "
     "memory linear in image area like PyTorch's SDPA, on an H200 0.94-1.33x PyTorch's fastest; and the UNet's "
     "GroupNorms fused with the SiLU after them, which made one UNet forward 15-20% faster on an H100. First use "
