@@ -5,7 +5,8 @@
 Prints one table of TFLOP/s (4 * B * H * Nq * Nk * d / time) and microseconds per call for each
 (batch, heads, seqlen_q, seqlen_k, head_dim), with ours / best PyTorch backend. CUDA events, warm-up, median of
 repeats, inputs drawn fresh (random, never zeros) and rotated among several sets so small shapes do not time the
-L2 cache. --variants times alternative tile shapes of a tuning build (SDRUN_TUNE=1).
+L2 cache. --variants times other paths: 9 the portable kernel on Hopper, 10 / 14 the Hopper kernel with every /
+no tile split along the keys (any build), and the alternative tile shapes of a tuning build (SDRUN_TUNE=1).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def time_us(fn, sets, reps):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
-    ap.add_argument("--variants", default="0", help="tile-shape variants to time (tuning builds only)")
+    ap.add_argument("--variants", default="0", help="kernel paths to time (see above)")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--check", action="store_true", help="first print each variant's error vs the fp32 reference")
     args = ap.parse_args()

@@ -118,6 +118,24 @@ bool encode_tensor_map(CUtensorMap *map, const void *base, int head_dim, int seq
                   CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
+// How many of the last tiles run split along the keys (mem_eff_attn_sm90.cuh): the last wave's, when their split
+// CTAs (1 / kComputeWGs of a tile's work each) fill few enough rounds of the SMs (one CTA each) to finish sooner.
+// kSplitCost: a split CTA's time over 1 / kComputeWGs of a whole one's. A split CTA's K/V traffic per FLOP is
+// kComputeWGs times higher, and each warpgroup has only kStages / kComputeWGs buffers, so less prefetch. Measured
+// on an H200 (2026-12-02, bench/attention.py --variants 0,10,14: every tile split / none), TFLOP/s:
+//   d=40 (2,8,16384,16384): 166 / 305, so 1.8;  d=64 (2,5,9216,9216): 411 / 405, so 1.0;
+//   d=80 (2,8,1024,1024): 118 / 166, so 1.4.
+// With the tail split (variant 0) against none: (2,10,4096,4096,64) 380 / 330, (2,5,4096,4096,64) 341 / 309,
+// (2,5,9216,9216,64) 436 / 405; d=40 at (2,8,4096,4096), two rounds at a cost of 1.25, lost: 210 / 234.
+template <int kHeadDim> constexpr float kSplitCost = kHeadDim <= 40 ? 1.8f : kHeadDim <= 64 ? 1.0f : 1.4f;
+template <typename Tr> int64_t sm90_split_tiles(const MemEffAttnParams &p, int64_t tiles) {
+    if (p.variant == 10) return tiles;
+    const int n_blocks = (p.seqlen_k + Tr::kBlockN - 1) / Tr::kBlockN;
+    if (p.variant == 14 || n_blocks < 2 * Tr::kComputeWGs) return 0;  // too few key tiles to share out
+    const int64_t tail = tiles % p.num_sms, rounds = (tail * Tr::kComputeWGs + p.num_sms - 1) / p.num_sms;
+    return kSplitCost<Tr::kHeadDim> * float(rounds) < float(Tr::kComputeWGs) ? tail : 0;
+}
+
 template <typename Tr> cudaError_t launch_sm90(const MemEffAttnParams &p, cudaStream_t stream) {
     using T = typename Tr::elem;
     Sm90TensorMaps tm;
@@ -131,8 +149,11 @@ template <typename Tr> cudaError_t launch_sm90(const MemEffAttnParams &p, cudaSt
     auto kernel = mem_eff_attn_sm90_kernel<Tr>;
     if (Tr::kSmemBytes > p.max_smem_per_block) return cudaErrorInvalidConfiguration;
     if (cudaError_t err = prepare(kernel, Tr::kSmemBytes); err != cudaSuccess) return err;
-    dim3 grid((p.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM, p.heads, p.batch);
-    kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p, tm);
+    const int64_t tiles = int64_t((p.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM) * p.heads * p.batch;
+    const int64_t split_from = tiles - sm90_split_tiles<Tr>(p, tiles);
+    const int64_t ctas = split_from + (tiles - split_from) * Tr::kComputeWGs;
+    if (ctas > INT32_MAX) return cudaErrorInvalidConfiguration;
+    kernel<<<unsigned(ctas), Tr::kThreads, Tr::kSmemBytes, stream>>>(p, tm, int(split_from));
     return cudaGetLastError();
 }
 

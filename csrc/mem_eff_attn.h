@@ -23,7 +23,8 @@ struct MemEffAttnParams {
     int sm;              // compute capability of the target device, e.g. 90 (picks the path; see mem_eff_attn.cu)
     int max_smem_per_block;  // the device's opt-in shared memory limit per block, bytes
     int num_sms;             // multiprocessors on the device (the launcher weighs tail effects with it)
-    int variant;         // 0 = default; 9 = the portable mma.sync path on every GPU; others: tuning builds only
+    int variant;         // 0 = default; 9 = the portable mma.sync path on every GPU; 10 / 14 = the Hopper path
+                         // with every / no tile split along the keys; others: tuning builds only
 };
 
 // Launches on `stream`; returns the first CUDA error (from configuration or launch), never synchronizes.

@@ -21,6 +21,14 @@
 // Measured (ncu, H200, d = 40): the compute warps stall mostly on short fixed-latency chains ("wait"), with the
 // exp2 unit 51% and the tensor cores 44% busy; a third compute warpgroup (more warps to switch between) gave 1.2x.
 //
+// The last wave's tiles may run split (the launcher's sm90_split_tiles picks how many): such a tile becomes
+// kComputeWGs CTAs of 64 query rows each, whose warpgroups take every kComputeWGs-th key tile of the same rows, and
+// warpgroup 0 merges the partial outputs (each rescaled by exp2 of its row max over the merged max) through the K/V
+// buffers once every warpgroup is done. A wave that would hold tail tiles on a third of the SMs then holds three
+// times as many CTAs of a third of the work each. Measured (H100, one run, against main's unsplit kernel):
+// (2,10,4096,4096,64) 399 -> 480 TFLOP/s (0.93x -> 1.13x cuDNN), (2,5,9216,9216,64) 476 -> 526; shapes whose last
+// wave is full are unchanged.
+//
 // Key tiles are visited last to first (the partial tile first, masked to -inf, so every row max is finite from the
 // start), as in the sm80 kernel; rows past seqlen_q or seqlen_k arrive as zeros.
 //
@@ -50,12 +58,16 @@ struct Sm90Traits {
     static constexpr int kQBytes = kAtoms * kQAtomBytes, kKVBytes = kAtoms * kKVAtomBytes;  // one of K or V
     // K/V buffers: kStages_, or 0 = as many as fit in the 227 KB a block may have (at most 8), after 1 KB for
     // aligning the tiles and the barriers.
-    static constexpr int kMaxStages = (227 * 1024 - 1024 - kQBytes - 128) / (2 * kKVBytes);
+    static constexpr int kMaxStages = (227 * 1024 - 1024 - kQBytes - 136) / (2 * kKVBytes);
     static constexpr int kStages = kStages_ > 0 ? kStages_ : (kMaxStages < 8 ? kMaxStages : 8);
-    static constexpr int kBarOffset = kQBytes + 2 * kStages * kKVBytes;  // full[kStages], empty[kStages]
-    static constexpr int kSmemBytes = 1024 + kBarOffset + 2 * kStages * 8;
+    static constexpr int kBarOffset = kQBytes + 2 * kStages * kKVBytes;  // full[kStages], empty[kStages], q
+    static constexpr int kSmemBytes = 1024 + kBarOffset + (2 * kStages + 1) * 8;
     static_assert(kHeadDim % 8 == 0 && kHeadDim <= 128 && kBlockN % 16 == 0, "tile shape");
     static_assert(kStages >= 3, "buffers: the compute warpgroups hold two (tile j - 1's V, tile j)");
+    // A split CTA's warpgroup frees tile j only after tile j + kComputeWGs has landed: that many buffers deadlock.
+    static_assert(kStages > kComputeWGs, "buffers: a split warpgroup holds tile j while it waits for j + kComputeWGs");
+    static_assert(2 * kSmemBytes > 228 * 1024, "one CTA per SM: the launcher counts the slots of a wave so");
+    static_assert(kStages * kKVBytes >= 4 * (kComputeWGs - 1) * 128 * (kHeadDimPad / 2 + 4), "split partials fit");
 };
 
 // The TMA boxes: q (64 columns x kBlockM rows), k and v (64 x kBlockN), each over (head_dim, seqlen, heads, batch).
@@ -63,10 +75,12 @@ struct Sm90TensorMaps {
     CUtensorMap q, k, v;
 };
 
-// grid = (ceil(seqlen_q / kBlockM), heads, batch), kThreads threads, Tr::kSmemBytes of dynamic shared memory.
+// Tiles are (kBlockM query rows, head, batch), numbered with the row block fastest. grid = split_from +
+// (tiles - split_from) * kComputeWGs CTAs: tile i < split_from is CTA i; each later tile is kComputeWGs split CTAs.
+// kThreads threads, Tr::kSmemBytes of dynamic shared memory.
 template <typename Tr>
 __global__ void __launch_bounds__(Tr::kThreads, 1)
-    mem_eff_attn_sm90_kernel(const MemEffAttnParams p, const __grid_constant__ Sm90TensorMaps tm) {
+    mem_eff_attn_sm90_kernel(const MemEffAttnParams p, const __grid_constant__ Sm90TensorMaps tm, int split_from) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     using T = typename Tr::elem;
     constexpr int kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN, kStages = Tr::kStages;
@@ -79,13 +93,21 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     unsigned char *smem = smem_raw + ((1024 - smem_addr(smem_raw) % 1024) % 1024);  // swizzle atoms: 1 KB aligned
     const uint32_t q_addr = smem_addr(smem), k_addr = q_addr + Tr::kQBytes, v_addr = k_addr + kStages * Tr::kKVBytes;
     const uint32_t full_bar = q_addr + Tr::kBarOffset, empty_bar = full_bar + kStages * 8;  // + 8 * stage
+    const uint32_t q_bar = empty_bar + kStages * 8;  // Q's own: a split CTA's warpgroups start at different tiles
 
     const int tid = threadIdx.x, warp_id = tid / 32;
-    const int row0 = blockIdx.x * kBlockM, h = blockIdx.y, b = blockIdx.z;
+    const bool split = int(blockIdx.x) >= split_from;  // this CTA: 64 rows of a tile, its warpgroups split the keys
+    const int tile = split ? split_from + (blockIdx.x - split_from) / kComputeWGs : blockIdx.x;
+    const int row_blocks = (p.seqlen_q + kBlockM - 1) / kBlockM;
+    const int row0 = tile % row_blocks * kBlockM + (split ? (blockIdx.x - split_from) % kComputeWGs * 64 : 0);
+    const int h = tile / row_blocks % p.heads, b = tile / row_blocks / p.heads;
     const int n_blocks = (p.seqlen_k + kBlockN - 1) / kBlockN;  // key tile n_blocks - 1 - it is visited at step it
+    if (row0 >= p.seqlen_q) return;  // a split CTA past the last row
 
     if (tid == 0)
-        for (int st = 0; st < kStages; ++st) mbar_init(full_bar + 8 * st, 1), mbar_init(empty_bar + 8 * st, kComputeWarps);
+        for (int st = 0; st < kStages; ++st)
+            mbar_init(full_bar + 8 * st, 1), mbar_init(empty_bar + 8 * st, split ? 4 : kComputeWarps);  // its readers
+    if (tid == 0) mbar_init(q_bar, 1);
     __syncthreads();
 
     if (warp_id >= kComputeWarps) {  // ------------------------------------ loader
@@ -95,11 +117,12 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         for (int it = 0; it < n_blocks; ++it) {
             const int st = it % kStages, key0 = (n_blocks - 1 - it) * kBlockN;
             if (it >= kStages) mbar_wait(empty_bar + 8 * st, (it / kStages + 1) % 2);  // tile it - kStages read
-            mbar_expect_tx(full_bar + 8 * st, 2 * Tr::kKVBytes + (it == 0 ? Tr::kQBytes : 0));  // the one arrival
-            if (it == 0)  // Q lands with tile 0
+            if (it == 0) {  // Q first, once
+                mbar_expect_tx(q_bar, Tr::kQBytes);
 #pragma unroll
-                for (int a = 0; a < Tr::kAtoms; ++a)
-                    tma_load_4d(q_addr + a * Tr::kQAtomBytes, &tm.q, full_bar, 64 * a, row0, h, b);
+                for (int a = 0; a < Tr::kAtoms; ++a) tma_load_4d(q_addr + a * Tr::kQAtomBytes, &tm.q, q_bar, 64 * a, row0, h, b);
+            }
+            mbar_expect_tx(full_bar + 8 * st, 2 * Tr::kKVBytes);  // the one arrival
 #pragma unroll
             for (int a = 0; a < Tr::kAtoms; ++a) {
                 tma_load_4d(k_addr + st * Tr::kKVBytes + a * Tr::kKVAtomBytes, &tm.k, full_bar + 8 * st, 64 * a, key0, h, b);
@@ -108,18 +131,30 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         }
     } else {  // ------------------------------------------------------- compute warpgroups
         setmaxnreg_inc<Tr::kComputeRegs>();
-        const int c = tid / 128, warp = warp_id % 4, lane = tid % 32, g = lane / 4, t = lane % 4;
+        // c through a shuffle from lane 0 (as CUTLASS's canonical_warp_group_idx): ptxas then knows every lane holds
+        // the same value, so first, stride, the buffer indices and the wgmma descriptors derived from it stay on the
+        // uniform datapath (with tid / 128 the split build's d = 40 loop took 498 instructions, 28 of them R2UR).
+        const int c = __shfl_sync(0xffffffff, tid / 128, 0), warp = warp_id % 4, lane = tid % 32, g = lane / 4, t = lane % 4;
         const float sl2 = p.scale_log2;
         // Ping-pong: warpgroup c issues its products after bar.sync on barrier 1 + c, then lets the next one go.
         // Warpgroup 0 goes first; the last warpgroup's last turn has no successor, so it skips that arrive.
+        // Every warpgroup takes `turns` turns (a split CTA's warpgroups with fewer key tiles end with empty ones).
+        // This warpgroup visits key tiles first, first + stride, ...: `mine` of them. Divisions by constants:
+        // one by the uniform stride would be a reciprocal sequence.
+        const int first = split ? c : 0, stride = split ? kComputeWGs : 1;
+        const int mine = !split ? n_blocks : n_blocks > c ? (n_blocks - 1 - c) / kComputeWGs + 1 : 0;
+        const int turns = (split ? (n_blocks - 1) / kComputeWGs : n_blocks - 1) + 2;  // warpgroup 0's tiles, its last P V
         auto my_turn = [&] { if (Tr::kPingPong) named_bar_sync(1 + c, 256); };
         auto next_turn = [&] { if (Tr::kPingPong) named_bar_arrive(1 + (c + 1) % kComputeWGs, 256); };
         if (c == kComputeWGs - 1) next_turn();
 
         // S = Q K^T for key tile `it`: this warpgroup's 64 rows of Q times the tile's kBlockN rows of K, both
         // K-major; k step ks sits in atom ks / 4, 32 bytes per step along the row.
+        // Q's address (a split CTA's Q is its 64 rows) through a shuffle too: ptxas would otherwise re-derive split
+        // from blockIdx in every loop iteration (d = 40: 455 instructions instead of 446).
+        const uint32_t qa = __shfl_sync(0xffffffff, q_addr + (split ? 0 : c * 64 * 128), 0);
         auto issue_qk = [&](float (&s)[kSAcc], int it) {
-            const uint32_t qa = q_addr + c * 64 * 128, kb = k_addr + (it % kStages) * Tr::kKVBytes;
+            const uint32_t kb = k_addr + (it % kStages) * Tr::kKVBytes;
 #pragma unroll
             for (int ks = 0; ks < Tr::kHeadDimK / 16; ++ks)
                 WgmmaSS<kBlockN>::template mma<T>(
@@ -186,16 +221,17 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 
         uint32_t pk[kPSteps][4];
         float corr[2];
-        {  // Tile 0 (the last keys): S, mask, P; nothing to overlap yet.
-            mbar_wait(full_bar, 0);
+        if (mine > 0) {  // This warpgroup's first tile: S, mask (visit 0 holds the last, partial keys), P.
+            mbar_wait(q_bar, 0);
+            mbar_wait(full_bar + 8 * (first % kStages), first / kStages % 2);
             float s[kSAcc];
             my_turn();
             wgmma_fence();
-            issue_qk(s, 0);
+            issue_qk(s, first);
             next_turn();
             wgmma_wait<0>();
             fence_regs(s);
-            if (p.seqlen_k % kBlockN != 0) {
+            if (first == 0 && p.seqlen_k % kBlockN != 0) {
                 const int limit = p.seqlen_k - (n_blocks - 1) * kBlockN;
 #pragma unroll
                 for (int j = 0; j < kBlockN / 8; ++j)
@@ -206,7 +242,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
             softmax(s, corr);
             to_p(s, pk);
         }
-        for (int it = 1; it < n_blocks; ++it) {
+        for (int it = first + stride; it < n_blocks; it += stride) {  // every turn here has a successor
+            const int prev = it - stride;
             mbar_wait(full_bar + 8 * (it % kStages), it / kStages % 2);
             // S is fresh each tile (its first wgmma overwrites it), and P and O are written only outside the
             // window in which P V runs: ordinary instructions defining wgmma inputs inside it make ptxas serialize
@@ -215,24 +252,72 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
             my_turn();
             wgmma_fence();  // O was rescaled and P written by ordinary instructions
             issue_qk(s, it);
-            issue_pv(pk, it - 1);
+            issue_pv(pk, prev);
             next_turn();
             wgmma_wait<1>();  // S has landed; P V still runs
             fence_regs(s);
             softmax(s, corr);
             wgmma_wait<0>();
             fence_regs(o);
-            if (lane == 0) mbar_arrive(empty_bar + 8 * ((it - 1) % kStages));  // this warp is done with tile it - 1
+            if (lane == 0) mbar_arrive(empty_bar + 8 * (prev % kStages));  // this warp is done with tile prev
 #pragma unroll
             for (int i = 0; i < Tr::kHeadDim / 2; ++i) o[i] *= corr[i % 4 / 2];  // padding columns stay 0
             to_p(s, pk);
         }
-        my_turn();
-        wgmma_fence();
-        issue_pv(pk, n_blocks - 1);
-        if (c != kComputeWGs - 1) next_turn();
-        wgmma_wait<0>();
-        fence_regs(o);
+        // mine turns taken. The last P V, then empty turns up to `turns`; the last warpgroup's last has no successor.
+        int turn = mine;
+        auto end_turn = [&] { if (++turn < turns || c != kComputeWGs - 1) next_turn(); };
+        if (mine > 0) {
+            my_turn();
+            wgmma_fence();
+            issue_pv(pk, first + (mine - 1) * stride);
+            end_turn();
+            wgmma_wait<0>();
+            fence_regs(o);
+        }
+        while (turn < turns) my_turn(), end_turn();
+
+        if (split) {  // Merge into warpgroup 0. Thread i of every warpgroup holds the same rows and columns.
+            constexpr int kPart = kOAcc + 4, kAll = 128 * kComputeWGs;  // o, then m and l of rows g, g + 8
+            constexpr int kMergeBar = 1 + 2 * kComputeWGs;  // after ping-pong's and the epilogue's barriers
+            float *part = reinterpret_cast<float *>(smem + Tr::kQBytes);  // the K/V buffers: every copy has landed
+            const int i0 = tid % 128;
+            named_bar_sync(kMergeBar, kAll);  // no wgmma reads the K/V buffers any more
+            if (c > 0) {
+                float *mine_part = part + (c - 1) * kPart * 128 + i0;  // element e at e * 128: no bank conflicts
+#pragma unroll
+                for (int i = 0; i < kOAcc; ++i) mine_part[i * 128] = o[i];
+#pragma unroll
+                for (int r = 0; r < 2; ++r) mine_part[(kOAcc + r) * 128] = m_run[r], mine_part[(kOAcc + 2 + r) * 128] = l_run[r];
+                named_bar_arrive(kMergeBar, kAll);
+                return;
+            }
+            named_bar_sync(kMergeBar, kAll);
+            float m_all[2] = {m_run[0], m_run[1]};
+#pragma unroll
+            for (int w = 0; w < kComputeWGs - 1; ++w)
+#pragma unroll
+                for (int r = 0; r < 2; ++r) m_all[r] = fmaxf(m_all[r], part[(w * kPart + kOAcc + r) * 128 + i0]);
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {  // m_all is finite: warpgroup 0 saw visit 0's valid key
+                corr[r] = exp2_approx((m_run[r] - m_all[r]) * sl2);
+                l_run[r] *= corr[r];
+            }
+#pragma unroll
+            for (int i = 0; i < Tr::kHeadDim / 2; ++i) o[i] *= corr[i % 4 / 2];
+#pragma unroll
+            for (int w = 0; w < kComputeWGs - 1; ++w) {
+                const float *theirs = part + w * kPart * 128 + i0;
+                float wr[2];  // 0 for a warpgroup that saw no key tile (its max is -inf)
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    wr[r] = exp2_approx((theirs[(kOAcc + r) * 128] - m_all[r]) * sl2);
+                    l_run[r] += wr[r] * theirs[(kOAcc + 2 + r) * 128];
+                }
+#pragma unroll
+                for (int i = 0; i < Tr::kHeadDim / 2; ++i) o[i] += wr[i % 4 / 2] * theirs[i * 128];
+            }
+        }
 
         // Epilogue: normalise into this warpgroup's own 64 rows of the Q tile (same atoms; 16-byte chunk q of row r
         // stored at chunk q ^ (r % 8), so neither these writes nor the reads below conflict on banks), then write

@@ -15,11 +15,13 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 sm80 = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0),
                           reason="bfloat16 needs sm80+")
 DTYPES = [torch.float16, pytest.param(torch.bfloat16, marks=sm80)]
-# Variant 9 forces the portable mma.sync path where the default is another one (sm_90: the wgmma kernel), so a
-# Hopper GPU checks both; elsewhere both variants run the same code.
+# Variant 9 forces the portable mma.sync path where the default is another one (sm_90: the wgmma kernel), and 10
+# the wgmma kernel with every tile split along the keys (the default splits only a last wave's tiles), so a Hopper
+# GPU checks all three; elsewhere they run the same code.
 hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
-                            reason="variant 9 differs from the default only on compute capability 9.0")
-PATHS = [pytest.param(0, id="default"), pytest.param(9, id="portable", marks=hopper)]
+                            reason="variants 9 and 10 differ from the default only on compute capability 9.0")
+PATHS = [pytest.param(0, id="default"), pytest.param(9, id="portable", marks=hopper),
+         pytest.param(10, id="split", marks=hopper)]
 HEAD_DIMS = [8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 96, 112, 128, 144, 160, 192, 200, 224, 256]
 SEQLENS = [(1, 1), (1, 77), (77, 77), (97, 77), (97, 150), (113, 203), (256, 256), (1025, 77), (1025, 1025),
            (4096, 77), (4097, 4097)]
