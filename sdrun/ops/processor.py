@@ -85,7 +85,8 @@ def _attention_block(attn, hidden_states, encoder_hidden_states, temb, compute_d
         hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
     if attn.residual_connection:
         hidden_states = hidden_states + residual
-    return hidden_states / attn.rescale_output_factor
+    # SD's modules rescale by 1: x / 1.0 is x exactly, and skipping it saves a pass over the output
+    return hidden_states if attn.rescale_output_factor == 1 else hidden_states / attn.rescale_output_factor
 
 
 class SdrunAttnProcessor:
