@@ -42,7 +42,7 @@ if [ "${MEMORY:-0}" = 1 ]; then
 fi
 if [ "${NORMS:-0}" = 1 ]; then
   python3 bench/group_norm.py 2>&1 | tee $OUT/group_norm.log
-  for kernels in "" "--xformers --fused-norms"; do
+  for kernels in "" "--xformers --fused-norms --fused-geglu --nhwc-outputs"; do
     python3 bench/unet_profile.py $kernels 2>&1 | grep -v '^\[transformers\]' | tee -a $OUT/unet_profile.log
   done
 fi

@@ -1,11 +1,16 @@
 """Where a UNet forward's GPU time goes, by kind of kernel, and what a CUDA graph replay of it costs.
 
-SD 1.5 architecture, random weights, fp16, PyTorch SDPA (or sdrun's kernel with --xformers, and sdrun's fused
-GroupNorm + SiLU with --fused-norms). For each case: the replayed forward in ms (CUDA events, median of 20) and
+SD 1.5 architecture, random weights, fp16, PyTorch SDPA (or sdrun's kernel with --xformers, sdrun's fused
+GroupNorm + SiLU with --fused-norms, its one-pass GEGLU with --fused-geglu: together what sdrun's --xformers
+installs; with --nhwc-outputs, the transformers' output step without the copy to NCHW that --channels-last installs,
+which only changes the `cl` cases; with --compile, the named blocks compiled by torch.compile, regional compilation
+as diffusers' compile_repeated_blocks does it). For each case: the replayed forward in ms (CUDA events, median of 20) and
 the profiler's GPU time per kernel kind for one eager forward. Kernel kinds are read from the kernel names
 (cuDNN's and CUTLASS's convolutions, layout transposes, GroupNorm's kernels, GEMMs, attention, elementwise).
 
-    python bench/unet_profile.py [--cases 512x2,512x2cl,512x32cl,1024x2] [--xformers] [--fused-norms]
+    python bench/unet_profile.py [--cases 512x2,512x2cl,512x32cl,1024x2] [--xformers] [--fused-norms] [--fused-geglu]
+                                 [--nhwc-outputs]
+                                 [--compile BasicTransformerBlock,ResnetBlock2D]
 """
 
 import argparse
@@ -13,6 +18,7 @@ import collections
 import re
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -88,24 +94,39 @@ def main() -> None:
     parser.add_argument("--cases", default="512x2,512x2cl,512x32cl,1024x2")
     parser.add_argument("--xformers", action="store_true")
     parser.add_argument("--fused-norms", action="store_true")
+    parser.add_argument("--fused-geglu", action="store_true")
+    parser.add_argument("--nhwc-outputs", action="store_true")
+    parser.add_argument("--compile", help="comma-separated block classes to compile one by one (torch.compile)")
     parser.add_argument("--top", type=int, default=0, help="also list the N costliest kernels of each case")
     args = parser.parse_args()
     torch.manual_seed(0)
     with torch.device("cuda"):
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(models.CONFIGS / "sd1" / "unet"))
     unet = unet.half().eval()
-    if args.xformers or args.fused_norms:
+    if args.xformers or args.fused_norms or args.fused_geglu:
         from sdrun import ops
+        from sdrun.ops.feed_forward import install_fused_geglu
         from sdrun.ops.norms import install_fused_norms
         from sdrun.ops.processor import install
 
-        ops.load()  # the fused norms, too, run on the kernel only once it is loaded
+        ops.load()  # the fused norms and GEGLU, too, run on the kernel only once it is loaded
         if args.xformers:
             install(unet)
         if args.fused_norms:
             install_fused_norms(unet)
+        if args.fused_geglu:
+            install_fused_geglu(unet)
+    if args.nhwc_outputs:
+        from sdrun.backends.channels_last import install_transformer_outputs
+
+        install_transformer_outputs(unet)
+    if args.compile:
+        blocks = args.compile.split(",")
+        compiled = [m.compile(fullgraph=True) or m for m in unet.modules() if type(m).__name__ in blocks]
+        assert compiled, f"no block of the classes {blocks}"
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, xformers={args.xformers}, "
-          f"fused norms={args.fused_norms}")
+          f"fused norms={args.fused_norms}, fused GEGLU={args.fused_geglu}, NHWC outputs={args.nhwc_outputs}, "
+          f"compiled blocks={args.compile}")
     rows = []
     for case in args.cases.split(","):
         size, rest = case.split("x")
@@ -116,6 +137,11 @@ def main() -> None:
         if channels_last:
             sample = sample.to(memory_format=torch.channels_last)
         context = torch.randn(batch, 77, 768, device="cuda", dtype=torch.float16)
+        start = time.perf_counter()
+        with torch.no_grad():
+            unet(sample, torch.tensor(500, device="cuda"), context)  # compiles the compiled blocks for this shape
+        torch.cuda.synchronize()
+        print(f"## {case}: first forward {time.perf_counter() - start:.1f} s", flush=True)
         graph_ms = replayed_ms(unet, sample, context)
         totals, names = profile(unet, sample, context)
         rows.append((case, graph_ms, totals))

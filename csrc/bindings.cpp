@@ -1,6 +1,7 @@
 // The only torch-facing C++ of sdrun: checks inputs, fills the kernels' plain parameter structs (MemEffAttnParams,
-// Fp8WidenParams, GroupNormParams), launches on the current stream. Built by setup.py (extension sdrun._C) or just
-// in time by sdrun/ops/_ext.py, together with mem_eff_attn.cu, fp8_widen.cu and group_norm.cu.
+// Fp8WidenParams, GroupNormParams, GegluParams), launches on the current stream. Built by setup.py (extension
+// sdrun._C) or just in time by sdrun/ops/_ext.py, together with mem_eff_attn.cu, fp8_widen.cu, group_norm.cu and
+// geglu.cu.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -10,6 +11,7 @@
 #include <optional>
 
 #include "fp8_widen.h"
+#include "geglu.h"
 #include "group_norm.h"
 #include "mem_eff_attn.h"
 
@@ -164,6 +166,30 @@ at::Tensor group_norm(at::Tensor x, int64_t groups, std::optional<at::Tensor> we
     return y;
 }
 
+// x: (..., 2 * width), contiguous, float16, bfloat16 or float32: a GEGLU projection's output [hidden | gate].
+// Returns hidden * GELU(gate), (..., width), contiguous, in x's dtype; GELU in its exact (erf) form.
+at::Tensor geglu(at::Tensor x) {
+    CHECK_DEVICE(x);
+    CHECK_MSG(x.dim() >= 1, "x must have at least one dimension");
+    const auto dtype = x.scalar_type();
+    TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat,
+                "x must be float16, bfloat16 or float32");
+    TORCH_CHECK(x.is_contiguous(), "x must be contiguous");
+    const int64_t last = x.size(-1), per_vector = dtype == at::kFloat ? 4 : 8;  // the kernel reads 16-byte vectors
+    CHECK_MSG(last % (2 * per_vector) == 0, "x's last dimension must be twice a multiple of " + str(per_vector) +
+                                                " for this dtype, got " + str(last));
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "x must be 16-byte aligned");
+    at::cuda::CUDAGuard device_guard{x.device()};
+    auto shape = x.sizes().vec();
+    shape.back() = last / 2;
+    at::Tensor y = at::empty(shape, x.options());
+    GegluParams p{x.data_ptr(), y.data_ptr(), last == 0 ? 0 : x.numel() / last, last / 2, last,
+                  dtype == at::kHalf ? GegluDtype::kHalf : dtype == at::kBFloat16 ? GegluDtype::kBFloat16
+                                                                                  : GegluDtype::kFloat};
+    C10_CUDA_CHECK(geglu_fwd(p, at::cuda::getCurrentCUDAStream()));  // launch errors; never synchronizes
+    return y;
+}
+
 // Ops live in the dispatcher (torch.ops.sdrun_C.*): torch translates their errors into Python exceptions itself.
 at::Tensor fwd(at::Tensor q, at::Tensor k, at::Tensor v, double scale, int64_t variant) {
     return mem_eff_attn_fwd_torch(q, k, v, scale, std::nullopt, variant);
@@ -194,12 +220,14 @@ TORCH_LIBRARY(sdrun_C, m) {
     m.def("bucket(int head_dim) -> int", &bucket);
     m.def("widen_fp8(Tensor src, ScalarType dtype) -> Tensor");
     m.def("group_norm(Tensor x, int groups, Tensor? weight, Tensor? bias, float eps, bool silu) -> Tensor");
+    m.def("geglu(Tensor x) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(sdrun_C, CUDA, m) {
     m.impl("fwd", &fwd);
     m.impl("fwd_out", &fwd_out);
     m.impl("widen_fp8", &widen_fp8);
     m.impl("group_norm", &group_norm);
+    m.impl("geglu", &geglu);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {}  // importing the module registers the ops above

@@ -1,5 +1,5 @@
 """Test helpers: write diffusers pipelines back out in the original Stable Diffusion single-file key layout, and
-IP-Adapters in h94/IP-Adapter's (`write_ip_adapter`).
+IP-Adapters in h94/IP-Adapter's (`write_ip_adapter`); the tiny UNet alone and its inputs (`tiny_unet`).
 
 This is the inverse of diffusers' single-file conversion (diffusers/loaders/single_file_utils.py), kept as test
 code so the loader can be checked on files we make ourselves, since no real weights may be downloaded. It covers
@@ -202,3 +202,20 @@ def write_ip_adapter(folder: Path, unet, tokens: int = 4) -> Path:
             tensors[f"ip_adapter.{2 * i + 1}.to_{kind}_ip.weight"] = torch.randn(inner, width) * 0.3
     save_file(tensors, folder / "ip-adapter_tiny.safetensors")
     return folder / "ip-adapter_tiny.safetensors"
+
+
+def tiny_unet(device="cpu", dtype=torch.float32):
+    """The tiny config's UNet alone, seeded weights, in eval mode."""
+    from sdrun import models
+
+    torch.manual_seed(0)
+    config = UNet2DConditionModel.load_config(models.CONFIGS / "tiny" / "unet")
+    return UNet2DConditionModel.from_config(config).to(device, dtype).eval()
+
+
+def tiny_unet_inputs(unet, device, dtype):
+    """A batch of two 16x16 latents and their text states, seeded."""
+    generator = torch.Generator("cpu").manual_seed(1)
+    sample = torch.randn(2, unet.config.in_channels, 16, 16, generator=generator).to(device, dtype)
+    context = torch.randn(2, 77, unet.config.cross_attention_dim, generator=generator).to(device, dtype)
+    return sample, context

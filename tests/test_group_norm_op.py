@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import sdrun.ops as ops
+from sd_layout import tiny_unet, tiny_unet_inputs
 from sdrun.ops import norms
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -106,27 +107,10 @@ def test_captured_in_a_cuda_graph():
     assert (y.float() - reference(x, 32, weight, bias, 1e-5, True)).abs().max().item() < 1.5e-2
 
 
-def _unet(device="cpu", dtype=torch.float32):
-    from diffusers import UNet2DConditionModel
-
-    from sdrun import models
-
-    torch.manual_seed(0)
-    config = UNet2DConditionModel.load_config(models.CONFIGS / "tiny" / "unet")
-    return UNet2DConditionModel.from_config(config).to(device, dtype).eval()
-
-
-def _unet_inputs(unet, device, dtype):
-    generator = torch.Generator("cpu").manual_seed(1)
-    sample = torch.randn(2, unet.config.in_channels, 16, 16, generator=generator).to(device, dtype)
-    context = torch.randn(2, 77, unet.config.cross_attention_dim, generator=generator).to(device, dtype)
-    return sample, context
-
-
 def test_installed_unet_computes_what_diffusers_blocks_compute():
     """On the CPU `group_norm` is PyTorch's, so any difference would be the rewired blocks' own."""
-    unet = _unet()
-    sample, context = _unet_inputs(unet, "cpu", torch.float32)
+    unet = tiny_unet()
+    sample, context = tiny_unet_inputs(unet, "cpu", torch.float32)
     with torch.no_grad():
         expected = unet(sample, 500, context).sample
         report = norms.install_fused_norms(unet)
@@ -137,7 +121,7 @@ def test_installed_unet_computes_what_diffusers_blocks_compute():
     assert report.fused_with_silu > report.plain > 0
     assert "GroupNorms use the sdrun kernel" in report.summary()
     keys = set(unet.state_dict())
-    assert keys == set(_unet().state_dict())  # the same parameters under the same names: LoRA and fp8 still apply
+    assert keys == set(tiny_unet().state_dict())  # the same parameters under the same names: LoRA and fp8 still apply
 
 
 @cuda
@@ -145,17 +129,17 @@ def test_installed_unet_computes_what_diffusers_blocks_compute():
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_unet_on_the_kernel_matches_pytorch(channels_last):
     ops.load()
-    unet = _unet("cuda", torch.float16)
+    unet = tiny_unet("cuda", torch.float16)
     if channels_last:
         unet.to(memory_format=torch.channels_last)
-    sample, context = _unet_inputs(unet, "cuda", torch.float16)
+    sample, context = tiny_unet_inputs(unet, "cuda", torch.float16)
     with torch.no_grad():
         pytorch = unet(sample, 500, context).sample.float()
         norms.install_fused_norms(unet)
         kernel = unet(sample, 500, context).sample.float()
-    reference_unet = _unet("cuda", torch.float32)
+    reference_unet = tiny_unet("cuda", torch.float32)
     with torch.no_grad():
-        exact = reference_unet(sample.float(), 500, context.float()).sample
+        exact = referencetiny_unet(sample.float(), 500, context.float()).sample
     # the kernel's error against float32 is of the size of PyTorch's own fp16 GroupNorm's: rounding, no wrong value
     print("max error against float32: kernel", (kernel - exact).abs().max().item(), "PyTorch",
           (pytorch - exact).abs().max().item())

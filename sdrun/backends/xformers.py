@@ -1,5 +1,6 @@
 """--xformers (alias --mem-efficient-attention): sdrun's bundled CUDA kernels, not the xformers package: its
-attention, and its GroupNorm fused with the SiLU after it in the UNet (sdrun/ops/norms.py).
+attention, its GroupNorm fused with the SiLU after it (sdrun/ops/norms.py) and GEGLU's gate in one pass
+(sdrun/ops/feed_forward.py) in the UNet.
 
 Attention modules the kernel does not cover (the VAE's single 512-wide head) stay on PyTorch attention; that is
 decided once, in `install`, and reported in one line. The kernel's module is imported only when the flag is used
@@ -18,6 +19,9 @@ COVERAGE = ("every self- and cross-attention module of the UNet, an IP-Adapter's
 NORM_COVERAGE = ("every GroupNorm of the UNet: a ResNet block's two and the output norm fused with the SiLU after "
                  "them, a transformer's input norm alone; each call whose layout the kernel cannot read (an NCHW "
                  "activation of a pixel count that is not a multiple of 8) runs on PyTorch's GroupNorm instead")
+# ... and what `ops.feed_forward.install_fused_geglu` puts on its GEGLU kernel
+GEGLU_COVERAGE = ("every GEGLU of the UNet's feed-forward layers (the transformer blocks of SD 1.x, 2.x and SDXL): "
+                  "the projection's two halves gated in one pass")
 
 
 def unavailable_reasons(device):
@@ -33,10 +37,12 @@ def prepare(_device):
 
 
 def apply(pipe, _device):
+    from sdrun.ops.feed_forward import install_fused_geglu
     from sdrun.ops.norms import install_fused_norms
     from sdrun.ops.processor import install
 
-    return f"{install(pipe).summary()}; {install_fused_norms(pipe.unet).summary()}"
+    return (f"{install(pipe).summary()}; {install_fused_norms(pipe.unet).summary()}; "
+            f"{install_fused_geglu(pipe.unet)} GEGLUs gate in one pass")
 
 
 BACKEND = Backend(
