@@ -139,7 +139,7 @@ def test_unet_on_the_kernel_matches_pytorch(channels_last):
         kernel = unet(sample, 500, context).sample.float()
     reference_unet = tiny_unet("cuda", torch.float32)
     with torch.no_grad():
-        exact = referencetiny_unet(sample.float(), 500, context.float()).sample
+        exact = reference_unet(sample.float(), 500, context.float()).sample
     # the kernel's error against float32 is of the size of PyTorch's own fp16 GroupNorm's: rounding, no wrong value
     print("max error against float32: kernel", (kernel - exact).abs().max().item(), "PyTorch",
           (pytorch - exact).abs().max().item())
