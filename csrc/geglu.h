@@ -14,6 +14,6 @@ struct GegluParams {
     GegluDtype dtype;
 };
 
-// y = hidden * GELU(gate), GELU in its exact (erf) form. Launches on `stream`; returns the first CUDA error (from configuration or launch), never
-// synchronizes.
+// y = hidden * GELU(gate), GELU in its exact (erf) form. Launches on `stream`; returns the first CUDA error (from
+// configuration or launch), never synchronizes.
 cudaError_t geglu_fwd(const GegluParams &params, cudaStream_t stream);
