@@ -26,25 +26,30 @@ SHAPES = [  # (batch, channels, height, width): the UNet at 512x512 (batch 2), i
 ]
 
 
-def replayed_us(fn, calls: int = 20) -> float:
+def replayed_us(fn, calls: int = 20, warmups: int = 1, replays: int = 12, dropped: int = 2) -> float:
+    """µs per call of `fn`, from a CUDA graph of `calls` calls: the median of `replays` replays less the first
+    `dropped`, after `warmups` eager calls on a side stream (as capture requires). bench/unet_profile.py times its
+    forward with it too."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        fn()
+        for _ in range(warmups):
+            fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for _ in range(calls):
             fn()
     times = []
-    for _ in range(12):
+    for _ in range(replays):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         graph.replay()
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) * 1000 / calls)
-    return statistics.median(times[2:])
+    del graph
+    return statistics.median(times[dropped:])
 
 
 def main() -> None:

@@ -16,7 +16,6 @@ the profiler's GPU time per kernel kind for one eager forward. Kernel kinds are 
 import argparse
 import collections
 import re
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -24,8 +23,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from diffusers import UNet2DConditionModel  # noqa: E402
+
+from group_norm import replayed_us  # noqa: E402
 
 from sdrun import models  # noqa: E402
 
@@ -49,26 +51,8 @@ def kind_of(name: str) -> str:
 
 def replayed_ms(unet, sample, context) -> float:
     timestep = torch.tensor(500, device=sample.device)  # on the GPU: a graph cannot copy a host scalar in
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream), torch.no_grad():
-        for _ in range(3):
-            unet(sample, timestep, context)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), torch.no_grad():
-        unet(sample, timestep, context)
-    times = []
-    for i in range(25):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        if i >= 5:
-            times.append(start.elapsed_time(end))
-    del graph
-    return statistics.median(times)
+    forward = torch.no_grad()(lambda: unet(sample, timestep, context))
+    return replayed_us(forward, calls=1, warmups=3, replays=25, dropped=5) / 1000
 
 
 def profile(unet, sample, context) -> tuple[collections.Counter, collections.Counter]:
