@@ -9,8 +9,9 @@ stage beside the measured one (from the PNG's metadata), which is how memory.py'
 
     python bench/render4k.py                 # every row
     python bench/render4k.py --quick         # 4 steps, to check the script itself
-    python bench/render4k.py --skip-peers --also=--channels-last --also=--fp8   # each sdrun row again with
+    python bench/render4k.py --peers none --also=--channels-last --also=--fp8   # each sdrun row again with
                                              # these flags added (the peers' rows are the same for every variant)
+    python bench/render4k.py --peers panorama --rows 3 --also=--channels-last --only-also   # one row, its peer
 """
 
 import argparse
@@ -40,13 +41,14 @@ PANORAMA = dict(width=3840, height=2176, view_batch_size=16, circular_padding=Fa
 PANORAMA_WINDOW = dict(window_size=64, stride=52)
 
 
-def peer_rows(folder: Path, steps: int, cap: float):
+def peer_rows(folder: Path, steps: int, cap: float, which: str = "all"):
     torch.cuda.set_per_process_memory_fraction(cap * 2**30 / torch.cuda.get_device_properties(0).total_memory)
     pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float16).to("cuda")
     pipe.set_progress_bar_config(disable=True)
     pipe.vae.enable_tiling()
-    yield "diffusers 3840x2160, VAE tiling", timed(lambda: pipe(PROMPT, num_inference_steps=steps, width=3840,
-                                                                   height=2160, output_type="pil"))
+    if which == "all":
+        yield "diffusers 3840x2160, VAE tiling", timed(lambda: pipe(PROMPT, num_inference_steps=steps, width=3840,
+                                                                       height=2160, output_type="pil"))
     panorama = StableDiffusionPanoramaPipeline(**{k: v for k, v in pipe.components.items()
                                                   if k in ("vae", "text_encoder", "tokenizer", "unet")},
                                                scheduler=DDIMScheduler.from_config(pipe.scheduler.config),
@@ -106,10 +108,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="4 steps")
     parser.add_argument("--cap", type=float, default=8.0, help="GiB the peers' allocator is capped at")
     parser.add_argument("--folder", type=Path, default=Path("/tmp/sdrun-bench-sd1"))
-    parser.add_argument("--skip-peers", action="store_true")
+    parser.add_argument("--peers", choices=("all", "panorama", "none"), default="all",
+                        help="which peers' rows to run (panorama: diffusers' MultiDiffusion only, for the tiled rows)")
     parser.add_argument("--rows", help="comma-separated indexes of the sdrun rows to run [all]")
     parser.add_argument("--also", action="append", default=[],
                         help="flags to add to every sdrun row, as another row each (repeatable)")
+    parser.add_argument("--only-also", action="store_true", help="run the sdrun rows only with the --also flags")
     args = parser.parse_args()
     steps = 4 if args.quick else args.steps
     if not (args.folder / "model_index.json").is_file():
@@ -118,12 +122,13 @@ def main() -> None:
           f"diffusers {diffusers.__version__}; SD 1.5 architecture, random weights, fp16, DDIM, {steps} steps")
     print("| render | seconds | peak GiB | cap GiB |")
     print("|---|---|---|---|")
-    rows = [] if args.skip_peers else [(label, result, args.cap) for label, result in peer_rows(args.folder, steps, args.cap)]
+    rows = [] if args.peers == "none" else [(label, result, args.cap)
+                                            for label, result in peer_rows(args.folder, steps, args.cap, args.peers)]
     for label, (seconds, peak, _), cap in rows:
         print(f"| {label} | {seconds:.2f} | {peak:.2f} | {cap:g} |", flush=True)
     chosen = [SDRUN_ROWS[int(i)] for i in args.rows.split(",")] if args.rows else SDRUN_ROWS
     chosen = [(f"{label} {also}".rstrip(), extra + also.split(), cap)
-              for label, extra, cap in chosen for also in ["", *args.also]]
+              for label, extra, cap in chosen for also in ([] if args.only_also else [""]) + args.also]
     for label, extra, cap in chosen:
         try:
             seconds, peak, render = sdrun_row(args.folder, steps, extra, cap)

@@ -2,14 +2,16 @@
 
 SD 1.5 architecture, random weights, fp16, PyTorch SDPA (or sdrun's kernel with --xformers, sdrun's fused
 GroupNorm + SiLU with --fused-norms, its one-pass GEGLU with --fused-geglu: together what sdrun's --xformers
-installs; with --nhwc-outputs, the transformers' output step without the copy to NCHW that --channels-last installs,
+installs, the time embedding added as the second norm of each ResNet block reads; --time-add-apart adds it in a
+pass of its own first, as diffusers does); with --nhwc-outputs, the transformers' output step without the copy to
+NCHW that --channels-last installs,
 which only changes the `cl` cases; with --compile, the named blocks compiled by torch.compile, regional compilation
 as diffusers' compile_repeated_blocks does it). For each case: the replayed forward in ms (CUDA events, median of 20) and
 the profiler's GPU time per kernel kind for one eager forward. Kernel kinds are read from the kernel names
 (cuDNN's and CUTLASS's convolutions, layout transposes, GroupNorm's kernels, GEMMs, attention, elementwise).
 
     python bench/unet_profile.py [--cases 512x2,512x2cl,512x32cl,1024x2] [--xformers] [--fused-norms] [--fused-geglu]
-                                 [--nhwc-outputs]
+                                 [--nhwc-outputs] [--time-add-apart]
                                  [--compile BasicTransformerBlock,ResnetBlock2D]
 """
 
@@ -49,6 +51,18 @@ def kind_of(name: str) -> str:
     return "other"
 
 
+class TimeAddedApart(torch.nn.Module):
+    """--time-add-apart: a ResNet block's second norm receiving the time embedding adds it in a pass of its own
+    first, as diffusers' block does, and then normalises (what sdrun's fused norms did before they folded it in)."""
+
+    def __init__(self, norm):
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x, channel_add=None):
+        return self.norm(x if channel_add is None else x + channel_add[:, :, None, None])
+
+
 def replayed_ms(unet, sample, context) -> float:
     timestep = torch.tensor(500, device=sample.device)  # on the GPU: a graph cannot copy a host scalar in
     forward = torch.no_grad()(lambda: unet(sample, timestep, context))
@@ -80,6 +94,7 @@ def main() -> None:
     parser.add_argument("--fused-norms", action="store_true")
     parser.add_argument("--fused-geglu", action="store_true")
     parser.add_argument("--nhwc-outputs", action="store_true")
+    parser.add_argument("--time-add-apart", action="store_true")
     parser.add_argument("--compile", help="comma-separated block classes to compile one by one (torch.compile)")
     parser.add_argument("--top", type=int, default=0, help="also list the N costliest kernels of each case")
     args = parser.parse_args()
@@ -98,6 +113,9 @@ def main() -> None:
             install(unet)
         if args.fused_norms:
             install_fused_norms(unet)
+            if args.time_add_apart:
+                for block in [m for m in unet.modules() if type(m).__name__ == "ResnetBlock2D"]:
+                    block.norm2 = TimeAddedApart(block.norm2)
         if args.fused_geglu:
             install_fused_geglu(unet)
     if args.nhwc_outputs:
@@ -109,7 +127,8 @@ def main() -> None:
         compiled = [m.compile(fullgraph=True) or m for m in unet.modules() if type(m).__name__ in blocks]
         assert compiled, f"no block of the classes {blocks}"
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, xformers={args.xformers}, "
-          f"fused norms={args.fused_norms}, fused GEGLU={args.fused_geglu}, NHWC outputs={args.nhwc_outputs}, "
+          f"fused norms={args.fused_norms} (time add apart: {args.time_add_apart}), fused GEGLU={args.fused_geglu}, "
+          f"NHWC outputs={args.nhwc_outputs}, "
           f"compiled blocks={args.compile}")
     rows = []
     for case in args.cases.split(","):

@@ -109,10 +109,11 @@ static GnDtype gn_dtype(at::ScalarType t) {
 }
 
 // x: (batch, channels, *pixels), float16, bfloat16 or float32, contiguous (NCHW) or, with 4 dimensions, channels-last
-// (NHWC); weight and bias: (channels,) in x's dtype or float32, or absent. Returns GroupNorm(x), then SiLU when
-// `silu`, in x's dtype and memory format.
+// (NHWC); weight and bias: (channels,) in x's dtype or float32, or absent; channel_add: (batch, channels) in x's
+// dtype, or absent. Returns GroupNorm(x + channel_add[:, :, None, None]), then SiLU when `silu`, in x's dtype and
+// memory format.
 at::Tensor group_norm(at::Tensor x, int64_t groups, std::optional<at::Tensor> weight, std::optional<at::Tensor> bias,
-                      double eps, bool silu) {
+                      double eps, bool silu, std::optional<at::Tensor> channel_add) {
     CHECK_DEVICE(x);
     CHECK_MSG(x.dim() >= 3, "x must have at least 3 dimensions (batch, channels, pixels...), got " + str(x.dim()));
     const auto dtype = x.scalar_type();
@@ -146,6 +147,16 @@ at::Tensor group_norm(at::Tensor x, int64_t groups, std::optional<at::Tensor> we
     }
     TORCH_CHECK(!(weight.has_value() && bias.has_value()) || weight->scalar_type() == bias->scalar_type(),
                 "weight and bias must have the same dtype");
+    if (channel_add.has_value()) {  // the kernels read it as x's dtype, in 16-byte vectors for channels-last x
+        const at::Tensor &a = channel_add.value();
+        CHECK_DEVICE(a);
+        TORCH_CHECK(a.device() == x.device(), "channel_add must be on x's device");
+        CHECK_MSG(a.sizes() == at::IntArrayRef({batch, channels}),
+                  "channel_add must have shape (batch, channels) = " + str(at::IntArrayRef({batch, channels})) +
+                      ", got " + str(a.sizes()));
+        TORCH_CHECK(a.is_contiguous() && a.scalar_type() == dtype, "channel_add must be contiguous, in x's dtype");
+        TORCH_CHECK(reinterpret_cast<uintptr_t>(a.data_ptr()) % 16 == 0, "channel_add must be 16-byte aligned");
+    }
 
     at::cuda::CUDAGuard device_guard{x.device()};
     at::Tensor y = at::empty_like(x, channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
@@ -159,6 +170,7 @@ at::Tensor group_norm(at::Tensor x, int64_t groups, std::optional<at::Tensor> we
     p.x = x.data_ptr(); p.y = y.data_ptr();
     p.weight = weight.has_value() ? weight->data_ptr() : nullptr;
     p.bias = bias.has_value() ? bias->data_ptr() : nullptr;
+    p.channel_add = channel_add.has_value() ? channel_add->data_ptr() : nullptr;
     p.partials = partials.data_ptr<float>(); p.scale_shift = scale_shift.data_ptr<float>();
     p.eps = float(eps); p.channels_last = channels_last; p.silu = silu;
     p.dtype = gn_dtype(dtype); p.param_dtype = gn_dtype(param_dtype);
@@ -219,7 +231,8 @@ TORCH_LIBRARY(sdrun_C, m) {
     m.def("fwd_out(Tensor q, Tensor k, Tensor v, float scale, Tensor(a!) out, int variant=0) -> ()");
     m.def("bucket(int head_dim) -> int", &bucket);
     m.def("widen_fp8(Tensor src, ScalarType dtype) -> Tensor");
-    m.def("group_norm(Tensor x, int groups, Tensor? weight, Tensor? bias, float eps, bool silu) -> Tensor");
+    m.def("group_norm(Tensor x, int groups, Tensor? weight, Tensor? bias, float eps, bool silu, "
+          "Tensor? channel_add=None) -> Tensor");
     m.def("geglu(Tensor x) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(sdrun_C, CUDA, m) {

@@ -1,5 +1,6 @@
 // GroupNorm over (batch, channels, pixels), NCHW or NHWC, optionally fused with the SiLU that follows it in every
-// ResNet block of the Stable Diffusion UNet and VAE (norm -> SiLU -> conv).
+// ResNet block of the Stable Diffusion UNet and VAE (norm -> SiLU -> conv), and optionally with the addition of a
+// value per (image, channel) before it (the UNet's ResNet blocks add their time embedding to conv1's output there).
 //
 // Why a kernel of our own: PyTorch's CUDA GroupNorm reduces each (image, group) in one block, so at the UNet's sizes
 // (batch 2, 32 groups) it runs 64 blocks on a 132-SM GPU, then a separate elementwise pass, then diffusers' SiLU
@@ -9,11 +10,14 @@
 // 1. statistics: every (image, group) is cut into `splits` pieces reduced by separate blocks. A thread sums
 //    16-byte vectors shifted by the first value it reads (so the sum of squares does not cancel catastrophically),
 //    turns them into (count, mean, M2), and threads merge those with Chan's parallel formula.
+//    A per-channel addition `a` is added to each value as it is read.
 // 2. finalize: one warp per (image, group) merges its pieces and writes y = x * scale + shift's two coefficients
-//    for each of its channels (rstd * weight, bias - mean * rstd * weight).
+//    for each of its channels (rstd * weight, bias - mean * rstd * weight, plus a * scale: (x + a) * scale + shift
+//    is x * scale + (a * scale + shift), so the apply pass never sees the addition and x + a is never written).
 // 3. apply: one 16-byte vector per thread per iteration: scale, shift, SiLU, store.
 // So the tensor is read twice and written once, against PyTorch's two reads and one write plus SiLU's read and
-// write. Statistics and arithmetic are float32; the output is rounded once.
+// write (and, with the addition, the broadcast add's read and write before them). Statistics and arithmetic are
+// float32; the output is rounded once.
 #include "group_norm.h"
 #include "vec16.cuh"
 
@@ -68,6 +72,11 @@ struct Sums {
     }
 };
 
+template <typename T> __device__ __forceinline__ float to_float(T v);
+template <> __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+template <> __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <> __device__ __forceinline__ float to_float(float v) { return v; }
+
 // NCHW: the (image, group) is one contiguous run of channels_per_group * pixels values; block (split, image-group)
 // reduces its split-th piece (a whole number of vectors).
 template <typename T>
@@ -78,12 +87,16 @@ __global__ void __launch_bounds__(kThreads) stats_nchw(const GroupNormParams p) 
     const int64_t per_split = (vectors + p.splits - 1) / p.splits;
     const int64_t begin = split * per_split, end = begin + per_split < vectors ? begin + per_split : vectors;
     const T *x = static_cast<const T *>(p.x) + group_index * vectors * V::kN;
+    // the group's first channel's addition: a vector lies within one channel (pixels is a multiple of kN)
+    const T *add = p.channel_add == nullptr ? nullptr : static_cast<const T *>(p.channel_add) +
+                                                            int64_t(group_index) * (p.channels / p.groups);
     Sums sums;
     for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
         float v[V::kN];
         V::load(x + i * V::kN, v);
+        const float a = add == nullptr ? 0.f : to_float(add[i * V::kN / p.pixels]);
 #pragma unroll
-        for (int k = 0; k < V::kN; ++k) sums.add(v[k]);
+        for (int k = 0; k < V::kN; ++k) sums.add(v[k] + a);
     }
     const Moments m = block_merge(sums.moments());
     if (threadIdx.x == 0) {
@@ -107,12 +120,15 @@ __global__ void __launch_bounds__(kMaxNhwcThreads) stats_nhwc(const GroupNormPar
     const int64_t begin = split * per_split, end = begin + per_split < p.pixels ? begin + per_split : p.pixels;
     if (row < rows) {
         const T *x = static_cast<const T *>(p.x) + int64_t(image) * p.pixels * p.channels + column * V::kN;
+        float a[V::kN] = {};  // this thread's channels' addition
+        if (p.channel_add != nullptr)
+            V::load(static_cast<const T *>(p.channel_add) + int64_t(image) * p.channels + column * V::kN, a);
         Sums sums[V::kN];
         for (int64_t pixel = begin + row; pixel < end; pixel += rows) {
             float v[V::kN];
             V::load(x + pixel * p.channels, v);
 #pragma unroll
-            for (int k = 0; k < V::kN; ++k) sums[k].add(v[k]);
+            for (int k = 0; k < V::kN; ++k) sums[k].add(v[k] + a[k]);
         }
 #pragma unroll
         for (int k = 0; k < V::kN; ++k) channel_moments[row * p.channels + column * V::kN + k] = sums[k].moments();
@@ -128,7 +144,7 @@ __global__ void __launch_bounds__(kMaxNhwcThreads) stats_nhwc(const GroupNormPar
     }
 }
 
-__device__ __forceinline__ float param(const void *values, int i, GnDtype dtype, float otherwise) {
+__device__ __forceinline__ float param(const void *values, int64_t i, GnDtype dtype, float otherwise) {
     if (values == nullptr) return otherwise;
     switch (dtype) {
         case GnDtype::kHalf: return __half2float(static_cast<const __half *>(values)[i]);
@@ -150,8 +166,10 @@ __global__ void __launch_bounds__(kThreads) finalize(const GroupNormParams p) {
     for (int c = lane; c < per_group; c += 32) {
         const int channel = group * per_group + c;
         const float scale = rstd * param(p.weight, channel, p.param_dtype, 1.f);
-        float *out = p.scale_shift + 2 * (int64_t(image) * p.channels + channel);
-        out[0] = scale, out[1] = param(p.bias, channel, p.param_dtype, 0.f) - mean * scale;
+        const int64_t index = int64_t(image) * p.channels + channel;
+        const float added = param(p.channel_add, index, p.dtype, 0.f);
+        float *out = p.scale_shift + 2 * index;
+        out[0] = scale, out[1] = param(p.bias, channel, p.param_dtype, 0.f) + (added - mean) * scale;
     }
 }
 

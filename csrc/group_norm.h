@@ -1,5 +1,5 @@
-// GroupNorm, optionally fused with the SiLU that follows it: the plain-data boundary between the torch binding and
-// the kernels. No torch headers here (style.md P6).
+// GroupNorm, optionally fused with the SiLU that follows it and with a per-channel addition before it: the
+// plain-data boundary between the torch binding and the kernels. No torch headers here (style.md P6).
 #pragma once
 #include <cstdint>
 #include <cuda_runtime.h>
@@ -14,6 +14,8 @@ struct GroupNormParams {
     void *__restrict__ y;
     const void *__restrict__ weight;   // (channels,) in param_dtype, or null for 1
     const void *__restrict__ bias;     // (channels,) in param_dtype, or null for 0
+    // (batch, channels) in x's dtype, added to x before it is normalised (a ResNet block's time embedding), or null
+    const void *__restrict__ channel_add;
     float *__restrict__ partials;      // workspace: batch * groups * splits * 3 floats (count, mean, M2)
     float *__restrict__ scale_shift;   // workspace: batch * channels * 2 floats (y = x * scale + shift)
     int64_t pixels;

@@ -41,6 +41,8 @@ class Engine:
     note: object = field(repr=False, default=None)  # the reporter's note: a line to the user on stderr
     warned: set = field(repr=False, default_factory=set)
     graphs: object = field(repr=False, default=None)  # render/graphs.Graphs on CUDA unless --no-cuda-graphs
+    # ((prompt, negative prompt, guidance), prompts.Encoded) of the last prompt encoded: the stage reuses it
+    encoded_prompt: tuple | None = field(repr=False, default=None)
 
     def warn(self, message: str) -> None:
         """Tell the user once per run, however many chunks of images the same prompt renders in."""

@@ -1,13 +1,16 @@
 """CUDA graphs of the denoising loop (render/graphs.py), through the real CLI on the tiny model: replayed images
-match eager ones, a new size records again, --no-cuda-graphs stays eager, every scheduler either records or says
-why not, and --model-offload replays too. Skipped without CUDA."""
+match eager ones (the first image's, made from one recorded model call replayed, too), a new size records again,
+--no-cuda-graphs stays eager, every scheduler either records or says why not, and --model-offload replays too.
+Skipped without CUDA."""
 
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import TINY, meta, pixels
+from sdrun.render import graphs
 from sdrun.schedulers import SAMPLERS
 
 pytestmark = pytest.mark.cuda
@@ -32,9 +35,29 @@ def assert_replays_match_eager(sdrun, *args, images=3, model=TINY, tolerance=1 /
     return graphed
 
 
+def test_replayed_calls_run_the_model_twice_and_give_its_values():
+    ran = []
+
+    def model(x, t):
+        ran.append(t.item() if not torch.cuda.is_current_stream_capturing() else "recorded")
+        return x * 2 + t
+
+    call = graphs.replayed_calls(model, torch.device("cuda"), torch.cuda.Stream())
+    for step in range(4):
+        x, t = torch.randn(2, 4, 8, 8, device="cuda"), torch.tensor(float(step), device="cuda")
+        assert torch.equal(call(x, t), x * 2 + t)
+    assert ran == [0.0, "recorded"]  # the warm-up and the recording; every call's value came from a replay
+    x = torch.randn(1, 4, 8, 8, device="cuda")  # another shape (a copy into the recorded input would broadcast it)
+    assert torch.equal(call(x, t), x * 2 + t) and ran[-1] == 3.0  # computed eagerly
+
+
 @pytest.mark.parametrize("precision", [(), ("--fp16",)])
-def test_replayed_images_match_eager_ones(sdrun, precision):
+def test_replayed_images_match_eager_ones(sdrun, precision, monkeypatch):
+    recorded_calls = []
+    record_call = graphs._record_call
+    monkeypatch.setattr(graphs, "_record_call", lambda *a: recorded_calls.append(1) or record_call(*a))
     graphed, _ = run(sdrun, "graphed", *precision)
+    assert recorded_calls == [1]  # the first image replayed one recorded call; the others the recorded loop
     eager, _ = run(sdrun, "eager", "--no-cuda-graphs", *precision)
     assert [meta(p)["render"]["cuda_graph"] for p in graphed] == [False, True, True]  # recorded on the 2nd image
     assert not any(meta(p)["render"]["cuda_graph"] for p in eager)

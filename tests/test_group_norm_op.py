@@ -1,9 +1,11 @@
 """sdrun's GroupNorm (+ SiLU) kernel (csrc/group_norm.cu) against a float32 reference, and its place in the UNet.
 
 GPU (marked `cuda`): fresh random inputs with a mean far from zero (the case where a sum of squares cancels), SD's
-shapes in NCHW and channels-last, every dtype, weights in the input's dtype or float32 or absent, the binding's
-refusals, CUDA graph capture, and the UNet with the kernel against the UNet without it. CPU: the UNet with
-`install_fused_norms` computes exactly what diffusers' own blocks compute (there `group_norm` is PyTorch's).
+shapes in NCHW and channels-last, every dtype, weights in the input's dtype or float32 or absent, a per-channel
+addition (the time embedding), the binding's refusals, CUDA graph capture, the UNet and the VAE with the kernel
+against them without it, and a tiled decode (shared statistics, seen through a TorchFunctionMode) unchanged by it.
+CPU: the UNet and the VAE with `install_fused_norms` compute exactly what diffusers' own blocks compute (there
+`group_norm` is PyTorch's).
 """
 
 import pytest
@@ -17,8 +19,9 @@ from sdrun.ops import norms
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def reference(x, groups, weight, bias, eps, silu):
-    y = F.group_norm(x.double(), groups, None if weight is None else weight.double(),
+def reference(x, groups, weight, bias, eps, silu, channel_add=None):
+    x = x.double() if channel_add is None else x.double() + channel_add.double()[:, :, None, None]
+    y = F.group_norm(x, groups, None if weight is None else weight.double(),
                      None if bias is None else bias.double(), eps)
     return (F.silu(y) if silu else y).float()
 
@@ -61,6 +64,25 @@ def test_kernel_matches_the_float32_reference(dtype, channels_last, shape, silu)
 
 @cuda
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape", [(2, 320, 64, 64), (2, 1280, 8, 8), (3, 64, 5, 8)])
+def test_a_per_channel_addition_is_added_before_the_statistics(dtype, channels_last, shape):
+    ops.load()
+    x, weight, bias = inputs(shape, dtype, channels_last, seed=sum(shape) + 1)
+    generator = torch.Generator("cuda").manual_seed(len(shape))
+    add = (torch.randn(shape[:2], device="cuda", generator=generator) * 4).to(dtype)  # unlike x: shifts each group
+    weight, bias = weight.to(dtype), bias.to(dtype)
+    y = norms.group_norm(x, 32, weight, bias, 1e-5, True, add)
+    expected = reference(x, 32, weight, bias, 1e-5, True, add)
+    error = (y.float() - expected).abs().max().item()
+    assert error <= TOLERANCE[dtype] * max(1.0, expected.abs().max().item() / 4), error
+    without = reference(x, 32, weight, bias, 1e-5, True)
+    assert (without - expected).abs().max().item() > 50 * TOLERANCE[dtype]  # the addition did change the result
+
+
+@cuda
+@pytest.mark.cuda
 def test_float32_weights_no_weights_and_a_large_offset():
     ops.load()
     x, weight, bias = inputs((2, 320, 32, 32), torch.float16, False, seed=5, offset=200.0)  # mean 200, std 2
@@ -83,6 +105,11 @@ def test_the_binding_refuses_what_it_cannot_compute():
         group_norm(torch.randn(2, 30, 8, 8, device="cuda", dtype=torch.float16), 32, None, None, 1e-5, False)
     with pytest.raises(RuntimeError, match="must have shape"):
         group_norm(torch.randn(2, 64, 8, 8, device="cuda"), 32, torch.ones(32, device="cuda"), None, 1e-5, False)
+    x8 = torch.randn(2, 64, 8, 8, device="cuda", dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="channel_add must have shape"):
+        group_norm(x8, 32, None, None, 1e-5, False, torch.zeros(2, 64, 1, 1, device="cuda", dtype=torch.float16))
+    with pytest.raises(RuntimeError, match="in x's dtype"):
+        group_norm(x8, 32, None, None, 1e-5, False, torch.zeros(2, 64, device="cuda"))
     expected = reference(x, 32, None, None, 1e-5, True)  # the wrapper sends it to PyTorch instead
     assert (norms.group_norm(x, 32, None, None, 1e-5, True).float() - expected).abs().max().item() < 1.5e-2
 
@@ -122,6 +149,78 @@ def test_installed_unet_computes_what_diffusers_blocks_compute():
     assert "GroupNorms use the sdrun kernel" in report.summary()
     keys = set(unet.state_dict())
     assert keys == set(tiny_unet().state_dict())  # the same parameters under the same names: LoRA and fp8 still apply
+
+
+def test_installed_vae_computes_what_diffusers_blocks_compute():
+    from sdrun import models
+
+    vae = models.build_tiny().vae.eval()
+    latents = torch.randn(1, vae.config.latent_channels, 16, 16, generator=torch.Generator().manual_seed(2))
+    pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = vae.decode(latents).sample, vae.encode(pixels).latent_dist.parameters
+        report = norms.install_fused_norms(vae, "VAE")
+        got = vae.decode(latents).sample, vae.encode(pixels).latent_dist.parameters
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    count = sum(isinstance(m, torch.nn.GroupNorm) for m in vae.modules())
+    assert report.fused_with_silu + report.plain == count and not report.left
+    assert report.plain == sum(type(m).__name__ == "Attention" for m in vae.modules())  # their input norms
+    assert report.summary().startswith(f"{count} VAE GroupNorms use the sdrun kernel")
+
+
+def test_under_a_torch_function_mode_the_norms_leave_the_kernel_to_the_mode(monkeypatch):
+    """The tiled decode's shared statistics intercept `F.group_norm` through a TorchFunctionMode: with the kernel
+    standing in as if it took every input, a tiled decode still never calls it, and equals the tiled decode of the
+    VAE as diffusers built it; outside the mode the kernel is called."""
+    from sdrun import models
+    from sdrun.render import shared_norm_tiles
+
+    vae = models.build_tiny().vae.eval()
+    latents = torch.randn(1, vae.config.latent_channels, 24, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = shared_norm_tiles.decode(vae, latents, 32, 8)
+    norms.install_fused_norms(vae, "VAE")
+    kernel_calls = []
+
+    class StandIn:
+        def group_norm(self, x, groups, weight, bias, eps, silu, add):
+            kernel_calls.append(x.shape)
+            return norms.F.silu(norms.F.group_norm(x, groups, weight, bias, eps)) if silu else \
+                norms.F.group_norm(x, groups, weight, bias, eps)
+
+    monkeypatch.setattr(norms, "kernel_takes", lambda x: True)
+    monkeypatch.setattr(norms._ext, "get", lambda device=None: StandIn())
+    with torch.no_grad():
+        tiled = shared_norm_tiles.decode(vae, latents, 32, 8)
+        assert not kernel_calls
+        vae.decode(latents)
+    assert torch.equal(tiled, expected)
+    assert len(kernel_calls) == sum(isinstance(m, torch.nn.GroupNorm) for m in vae.decoder.modules())
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_vae_on_the_kernel_matches_pytorch_and_leaves_tiled_statistics_alone(channels_last):
+    from sdrun import models
+    from sdrun.render import shared_norm_tiles
+
+    ops.load()
+    vae = models.build_tiny().vae.eval().to("cuda", torch.float16)
+    if channels_last:
+        vae.to(memory_format=torch.channels_last)
+    latents = torch.randn(1, vae.config.latent_channels, 48, 64, generator=torch.Generator().manual_seed(4))
+    latents = latents.to("cuda", torch.float16)
+    with torch.no_grad():
+        exact = models.build_tiny().vae.eval().to("cuda").decode(latents.float()).sample
+        pytorch = vae.decode(latents).sample.float()
+        tiled = shared_norm_tiles.decode(vae, latents, 64, 16).float()
+        norms.install_fused_norms(vae, "VAE")
+        kernel = vae.decode(latents).sample.float()
+        tiled_after = shared_norm_tiles.decode(vae, latents, 64, 16).float()
+    assert (kernel - exact).abs().max() <= 2 * (pytorch - exact).abs().max() + 5e-3
+    assert not torch.equal(kernel, pytorch)  # the kernel did run (it rounds once where PyTorch rounds twice)
+    assert torch.equal(tiled_after, tiled)  # under the tiles' TorchFunctionMode the norms were PyTorch's
 
 
 @cuda

@@ -125,4 +125,5 @@ def test_info_says_which_attention_runs_on_the_kernel(sdrun):
     text = " ".join(result.stdout.split())  # the table wraps long values
     assert "kernel attention every self- and cross-attention module of the UNet, an IP-Adapter's included" in text
     assert "left on PyTorch SDPA: modules whose head_dim is over 256" in text
-    assert "kernel group norm every GroupNorm of the UNet: a ResNet block's two and the output norm fused" in text
+    assert ("kernel group norm every GroupNorm of the UNet and the VAE: a ResNet block's two and the output norms "
+            "fused") in text

@@ -252,6 +252,9 @@ def test_a_replayed_denoise_finds_the_unet_brought_back_into_the_arena(monkeypat
         def recording(self, key, loop, x, cond, timesteps, scheduler, warm_up):
             return StandInRecording(loop, timesteps, scheduler)
 
+        def first_sight(self, key):
+            return False
+
     engine.graphs = StandInGraphs()
     rendered = render(engine, planned[JOB], JOB, [3])
     assert rendered.cuda_graph and in_at_replay == [(engine.pipe.unet, True)]

@@ -1,6 +1,7 @@
 """The render engine on the tiny model, through the real CLI: sdrun's own loop gives diffusers' images, img2img,
 tiled diffusion, hires, the plan and its checks (issue 8)."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,28 @@ def test_text_to_image_equals_diffusers_own_pipeline(sdrun, tiny_pipe, scheduler
                           generator=[torch.Generator().manual_seed(seed) for seed in (5, 6)]).images
     for k, seed in enumerate((5, 6)):
         assert np.abs(pixels(f"s-{seed}.png") - reference[k]).max() <= 1 / 255 + 1e-6, scheduler
+
+
+def test_a_prompt_is_encoded_once_for_the_chunks_that_repeat_it(sdrun, monkeypatch):
+    """A batch of one prompt encodes it once, however many chunks it renders in, and its images are those of chunks
+    that each encode it; another prompt (or a LoRA tag, which changes the text) is encoded anew."""
+    from sdrun.render import prompts
+
+    calls = []
+    encode = prompts.encode
+    monkeypatch.setattr(prompts, "encode", lambda pipe, family, text, *rest: calls.append(text) or
+                        encode(pipe, family, text, *rest))
+    lines = [{"prompt": "a red fox"}, {"prompt": "a red fox", "seed": 9}, {"prompt": "a blue fox"},
+             {"prompt": "a red fox"}]
+    Path("prompts.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    result = sdrun("--prompt-file", "prompts.jsonl", *TINY, "--seed", "4", "-n", "2", "--json", "-o", "{index}.png")
+    assert result.exit_code == 0, result
+    assert len(result.records()) == 8  # in 8 chunks of one image
+    assert calls == ["a red fox", "a blue fox", "a red fox"]
+    monkeypatch.setattr(prompts, "encode", encode)
+    assert sdrun("a red fox", *TINY, "--seed", "10", "-o", "alone.png").exit_code == 0
+    second = next(r["path"] for r in result.records() if r["seed"] == 10)  # line 2's second image
+    assert np.array_equal(pixels("alone.png"), pixels(second))
 
 
 def test_img2img_strength_one_is_text_to_image_and_zero_returns_the_image(sdrun, tiny_pipe):

@@ -1,6 +1,6 @@
 """--xformers (alias --mem-efficient-attention): sdrun's bundled CUDA kernels, not the xformers package: its
-attention, its GroupNorm fused with the SiLU after it (sdrun/ops/norms.py) and GEGLU's gate in one pass
-(sdrun/ops/feed_forward.py) in the UNet.
+attention, its GroupNorm fused with the SiLU after it (sdrun/ops/norms.py) in the UNet and the VAE, and GEGLU's
+gate in one pass (sdrun/ops/feed_forward.py) in the UNet.
 
 Attention modules the kernel does not cover (the VAE's single 512-wide head) stay on PyTorch attention; that is
 decided once, in `install`, and reported in one line. The kernel's module is imported only when the flag is used
@@ -16,9 +16,11 @@ COVERAGE = ("every self- and cross-attention module of the UNet, an IP-Adapter's
             "multiple of 8 (the VAE's single 512-wide head) and modules with other processors or added key/value "
             "projections; each --xformers run names them")
 # ... and what `ops.norms.install_fused_norms` puts on its GroupNorm kernel
-NORM_COVERAGE = ("every GroupNorm of the UNet: a ResNet block's two and the output norm fused with the SiLU after "
-                 "them, a transformer's input norm alone; each call whose layout the kernel cannot read (an NCHW "
-                 "activation of a pixel count that is not a multiple of 8) runs on PyTorch's GroupNorm instead")
+NORM_COVERAGE = ("every GroupNorm of the UNet and the VAE: a ResNet block's two and the output norms fused with the "
+                 "SiLU after them (the UNet's second also adding the time embedding), a transformer's or attention's "
+                 "input norm alone; each call whose layout the kernel cannot read (an NCHW activation of a pixel "
+                 "count that is not a multiple of 8), and a tiled VAE's (shared statistics), runs on PyTorch's "
+                 "GroupNorm instead")
 # ... and what `ops.feed_forward.install_fused_geglu` puts on its GEGLU kernel
 GEGLU_COVERAGE = ("every GEGLU of the UNet's feed-forward layers (the transformer blocks of SD 1.x, 2.x and SDXL): "
                   "the projection's two halves gated in one pass")
@@ -41,8 +43,11 @@ def apply(pipe, _device):
     from sdrun.ops.norms import install_fused_norms
     from sdrun.ops.processor import install
 
-    return (f"{install(pipe).summary()}; {install_fused_norms(pipe.unet).summary()}; "
-            f"{install_fused_geglu(pipe.unet)} GEGLUs gate in one pass")
+    notes = [install(pipe).summary(), install_fused_norms(pipe.unet).summary()]
+    vae_norms = install_fused_norms(pipe.vae, "VAE")
+    if vae_norms.fused_with_silu + vae_norms.plain + len(vae_norms.left):  # AutoencoderTiny has none
+        notes.append(vae_norms.summary())
+    return "; ".join(notes + [f"{install_fused_geglu(pipe.unet)} GEGLUs gate in one pass"])
 
 
 BACKEND = Backend(
@@ -50,10 +55,10 @@ BACKEND = Backend(
     brief="saves attention memory (linear in image area) and 28% of a UNet step at 512x512 (H100, with "
     "--channels-last); costs a 30 s build on first use",
     help="sdrun's own kernels (built for your torch; no xformers package needed): memory-efficient attention, "
-    "memory linear in image area like PyTorch's SDPA, on an H100 1.10-1.45x PyTorch's fastest; the UNet's "
-    "GroupNorms fused with the SiLU after them; and GEGLU's gate in one pass. With --channels-last one UNet step at "
-    "512x512 went from 10.65 ms (diffusers' modules) to 7.70 ms on an H100 (two runs), and an image through the CLI takes 0.44 s against plain "
-    "diffusers' 1.48 s. First use compiles them (about 30 s).",
+    "memory linear in image area like PyTorch's SDPA, on an H100 1.10-1.45x PyTorch's fastest; the UNet's and "
+    "the VAE's GroupNorms fused with the SiLU after them; and GEGLU's gate in one pass. With --channels-last one "
+    "UNet step at 512x512 went from 10.65 ms (diffusers' modules) to 7.64 ms on an H100 (three runs), and an image "
+    "through the CLI takes 0.41 s against plain diffusers' 1.48 s. First use compiles them (about 30 s).",
     apply=apply,
     prepare=prepare,
     needs_cuda=True,

@@ -144,8 +144,8 @@ def _jit_build(device: torch.device | None):
 
 class _Ops:
     """The kernels' entry points: fwd(q, k, v, scale, variant=0), fwd_out(q, k, v, scale, out, variant=0),
-    bucket(head_dim), widen_fp8(src, dtype), group_norm(x, groups, weight, bias, eps, silu) and geglu(x): the
-    last three None in a prebuilt extension from before they existed."""
+    bucket(head_dim), widen_fp8(src, dtype), group_norm(x, groups, weight, bias, eps, silu, channel_add=None) and
+    geglu(x): the last three None in a prebuilt extension from before they existed."""
 
     def __init__(self, module):
         self.module = module

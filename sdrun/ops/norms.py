@@ -1,14 +1,19 @@
-"""GroupNorm, fused with the SiLU that follows it, on sdrun's kernel (csrc/group_norm.cu), and its place in the UNet.
+"""GroupNorm, fused with the SiLU that follows it, on sdrun's kernel (csrc/group_norm.cu), and its place in the UNet
+and the VAE.
 
-    group_norm(x, groups, weight, bias, eps, silu=False) -> GroupNorm(x), then SiLU when `silu`
+    group_norm(x, groups, weight, bias, eps, silu=False, channel_add=None)
+        -> GroupNorm(x + channel_add[:, :, None, None]), then SiLU when `silu`
 
 runs the kernel for CUDA tensors it supports (float16, bfloat16 or float32; NCHW with a multiple of 8 pixels, 4
 for float32, or channels-last with such a multiple of channels) once the extension is loaded, and PyTorch's
-GroupNorm and SiLU otherwise, so the UNet runs anywhere. `install_fused_norms(unet)` puts it on every GroupNorm of
-the UNet: each ResNet block's two norms run fused with their SiLU (the block's forward is diffusers' default one
-with that one change, and only blocks of that shape are changed), each transformer's input norm runs plain, and the
-output norm runs fused with the SiLU after it. The VAE is left alone: its tiled decode replaces GroupNorm's
-statistics (render/shared_norm_tiles.py).
+GroupNorm and SiLU otherwise, so the models run anywhere. `channel_add` is a per-(image, channel) value added to x
+first: a ResNet block's time embedding, which the kernel adds as it reads x, so the sum is never written.
+
+`install_fused_norms(model)` puts it on every GroupNorm of the UNet or the VAE: each ResNet block's two norms run
+fused with their SiLU, the second also adding the time embedding (the block's forward is diffusers' default one
+with those changes, and only blocks of that shape are changed), each transformer's or attention's input norm runs
+plain, and an output norm runs fused with the SiLU after it. Under a TorchFunctionMode the norms call PyTorch's
+`F.group_norm`, which the mode sees: the tiled VAE's shared statistics work that way (render/shared_norm_tiles.py).
 """
 
 from __future__ import annotations
@@ -39,13 +44,22 @@ def kernel_takes(x: torch.Tensor) -> bool:
 
 
 def group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
-               silu: bool = False) -> torch.Tensor:
-    """GroupNorm of x (then SiLU when `silu`): the kernel where it applies (see kernel_takes), else PyTorch."""
+               silu: bool = False, channel_add: torch.Tensor | None = None) -> torch.Tensor:
+    """GroupNorm of x + channel_add (B, C) (then SiLU when `silu`): the kernel where it applies (see kernel_takes),
+    else PyTorch; PyTorch too while a TorchFunctionMode is active, so that the mode sees `F.group_norm`."""
     params = [p for p in (weight, bias) if p is not None]
     dtypes = {p.dtype for p in params}  # the binding takes them on x's device, in one dtype: x's or float32
     params_fit = all(p.device == x.device for p in params) and len(dtypes) <= 1 and dtypes <= {x.dtype, torch.float32}
-    if params_fit and kernel_takes(x) and x.shape[1] % groups == 0:
-        return _ext.get(x.device).group_norm(x, groups, weight, bias, eps, silu)
+    add_fits = channel_add is None or (channel_add.shape == x.shape[:2] and channel_add.dtype == x.dtype
+                                       and channel_add.device == x.device)
+    if params_fit and add_fits and kernel_takes(x) and x.shape[1] % groups == 0 \
+            and not torch._C._is_torch_function_mode_enabled():
+        add = None if channel_add is None else channel_add.contiguous()
+        if add is not None and add.data_ptr() % 16:  # the binding reads it in 16-byte vectors
+            add = add.clone()
+        return _ext.get(x.device).group_norm(x, groups, weight, bias, eps, silu, add)
+    if channel_add is not None:
+        x = x + channel_add.view(*channel_add.shape, *[1] * (x.dim() - 2))
     y = F.group_norm(x, groups, weight, bias, eps)
     return F.silu(y) if silu else y
 
@@ -59,8 +73,8 @@ class FusedGroupNorm(nn.GroupNorm):
         self.weight, self.bias = norm.weight, norm.bias  # the same Parameters, not copies
         self.affine, self.silu = norm.affine, silu
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.silu)
+    def forward(self, x: torch.Tensor, channel_add: torch.Tensor | None = None) -> torch.Tensor:
+        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.silu, channel_add)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", silu={self.silu}"
@@ -68,15 +82,17 @@ class FusedGroupNorm(nn.GroupNorm):
 
 def fused_resnet_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None, *args, **kwargs):
     """diffusers' ResnetBlock2D.forward (0.42) for blocks that neither resample nor scale-shift, with norm1 and
-    norm2 computing the SiLU that follows each (the block's own nonlinearity still activates the time embedding)."""
+    norm2 computing the SiLU that follows each, and norm2 adding the projected time embedding as it reads (the
+    block's own nonlinearity still activates the time embedding)."""
     hidden_states = self.conv1(self.norm1(input_tensor))
-    if self.time_emb_proj is not None:
+    channel_add = None
+    if self.time_emb_proj is not None and temb is not None:
         if not self.skip_time_act:
             temb = self.nonlinearity(temb)
-        temb = self.time_emb_proj(temb)[:, :, None, None]
-    if temb is not None:
+        channel_add = self.time_emb_proj(temb)  # (B, C): diffusers adds it as [:, :, None, None]
+    elif temb is not None and self.time_embedding_norm == "default":
         hidden_states = hidden_states + temb
-    hidden_states = self.conv2(self.dropout(self.norm2(hidden_states)))
+    hidden_states = self.conv2(self.dropout(self.norm2(hidden_states, channel_add)))
     if self.conv_shortcut is not None:
         input_tensor = self.conv_shortcut(input_tensor)
     output = input_tensor + hidden_states
@@ -86,45 +102,53 @@ def fused_resnet_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | 
 
 @dataclass
 class NormsReport:
+    model: str  # "UNet", "VAE": for the summary
     fused_with_silu: int = 0
     plain: int = 0
     left: list[str] = field(default_factory=list)  # GroupNorms left on PyTorch, by module name
 
     def summary(self) -> str:
-        line = f"{self.fused_with_silu + self.plain} UNet GroupNorms use the sdrun kernel " \
+        line = f"{self.fused_with_silu + self.plain} {self.model} GroupNorms use the sdrun kernel " \
                f"({self.fused_with_silu} fused with their SiLU)"
         if self.left:
             line += f"; {len(self.left)} stay on PyTorch ({', '.join(self.left)}): their blocks have another shape"
         return line
 
 
+# The input norms that run plain (no SiLU follows them), as (parent class name, attribute): a transformer's, and a
+# VAE attention's (diffusers' processors call it on the (B, C, pixels) view)
+PLAIN_NORMS = {("Transformer2DModel", "norm"), ("Attention", "group_norm")}
+
+
 def _resnet_fusable(block) -> bool:
+    # a block without a time projection (the VAE's, whose decoder says "group") treats the embedding as "default"
     return (isinstance(block.norm1, nn.GroupNorm) and isinstance(block.norm2, nn.GroupNorm)
             and isinstance(block.nonlinearity, nn.SiLU) and block.upsample is None and block.downsample is None
-            and block.time_embedding_norm == "default")
+            and (block.time_embedding_norm == "default" or block.time_emb_proj is None))
 
 
-def install_fused_norms(unet: nn.Module) -> NormsReport:
-    """Put the kernel on the UNet's GroupNorms (the module docstring says which, and how)."""
+def install_fused_norms(model: nn.Module, name: str = "UNet") -> NormsReport:
+    """Put the kernel on the GroupNorms of `model`, a UNet or a VAE (the module docstring says which, and how)."""
     from diffusers.models.resnet import ResnetBlock2D
 
-    report = NormsReport()
+    report = NormsReport(name)
     fused: set[int] = set()
-    for name, module in unet.named_modules():
+    for module in model.modules():
         if isinstance(module, ResnetBlock2D) and _resnet_fusable(module):
             module.norm1, module.norm2 = FusedGroupNorm(module.norm1, True), FusedGroupNorm(module.norm2, True)
             module.forward = types.MethodType(fused_resnet_forward, module)
             fused.update((id(module.norm1), id(module.norm2)))
             report.fused_with_silu += 2
-    if isinstance(getattr(unet, "conv_norm_out", None), nn.GroupNorm) and isinstance(unet.conv_act, nn.SiLU):
-        unet.conv_norm_out, unet.conv_act = FusedGroupNorm(unet.conv_norm_out, True), nn.Identity()
-        fused.add(id(unet.conv_norm_out))
-        report.fused_with_silu += 1
-    for parent_name, parent in list(unet.named_modules()):
+        # the UNet's output norm, and the VAE encoder's and decoder's: conv_norm_out, then conv_act
+        if isinstance(getattr(module, "conv_norm_out", None), nn.GroupNorm) and isinstance(module.conv_act, nn.SiLU):
+            module.conv_norm_out, module.conv_act = FusedGroupNorm(module.conv_norm_out, True), nn.Identity()
+            fused.add(id(module.conv_norm_out))
+            report.fused_with_silu += 1
+    for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
             if id(child) in fused or not isinstance(child, nn.GroupNorm):
                 continue
-            if type(parent).__name__ == "Transformer2DModel" and child_name == "norm":
+            if (type(parent).__name__, child_name) in PLAIN_NORMS:
                 setattr(parent, child_name, FusedGroupNorm(child, False))
                 report.plain += 1
             else:

@@ -66,7 +66,13 @@ def encode_prompt(engine, job, step: StagePlan, canvas: Canvas) -> Canvas:
     """Text -> conditioning (prompts.py: any length, A1111 emphasis), the unconditional half first under guidance."""
     pipe, device, guidance, count = engine.pipe, canvas.device, job.guidance > 1, canvas.count
     adapters.activate(pipe, engine.adapters, job)
-    encoded = prompts.encode(pipe, engine.family, adapters.without_tags(job.prompt), job.negative_prompt, guidance)
+    # what the text encoders compute depends on the prompts alone (a prompt's LoRA tags set its LoRA weights, the
+    # run's LoRAs and embeddings are fixed): a batch's chunks, and a prompt file's repeats, encode once
+    key = (job.prompt, job.negative_prompt, guidance)
+    if engine.encoded_prompt is None or engine.encoded_prompt[0] != key:
+        encoded = prompts.encode(pipe, engine.family, adapters.without_tags(job.prompt), job.negative_prompt, guidance)
+        engine.encoded_prompt = (key, encoded)
+    encoded = engine.encoded_prompt[1]
     if encoded.dropped:
         engine.warn(f"sdrun: warning: the prompt is longer than {prompts.MAX_CHUNKS * prompts.CHUNK} tokens; "
                     f"this part of it is ignored: {encoded.dropped!r}")
@@ -145,16 +151,21 @@ def denoise(engine, job, step: StagePlan, canvas: Canvas) -> Canvas:
         model = sampling.guided(sampling.unet_model(pipe.unet, cond), cond, job.guidance, plan.sequential_guidance)
         return tiled(model, step.windows) if step.windows is not None else model
 
-    def loop(x: torch.Tensor, cond: sampling.Conditioning, timesteps: sampling.Timesteps, scheduler, on_step=None):
-        """The denoise as a function of its inputs: what a graph records. -> (latents, NanWatch.first_bad)"""
+    def loop(x: torch.Tensor, cond: sampling.Conditioning, timesteps: sampling.Timesteps, scheduler, on_step=None,
+             replayed_calls: bool = False):
+        """The denoise as a function of its inputs: what a graph records. -> (latents, NanWatch.first_bad)
+        `replayed_calls`: run eagerly, but with the denoiser's calls replayed from one recorded call."""
         watch = sampling.NanWatch(x.device)
+        model = denoiser(cond)
+        if replayed_calls:
+            model = graphs.replayed_calls(model, x.device, engine.graphs.stream)
 
         def after_step(index: int, latents: torch.Tensor) -> None:
             watch(index, latents)
             if on_step is not None:
                 on_step()
 
-        return sampling.sample(denoiser(cond), x, scheduler, timesteps, step_kwargs, after_step), watch.first_bad
+        return sampling.sample(model, x, scheduler, timesteps, step_kwargs, after_step), watch.first_bad
 
     def warm_up(x: torch.Tensor, cond: sampling.Conditioning, timesteps: sampling.Timesteps) -> None:
         denoiser(cond)(x, timesteps.device[0])
@@ -165,14 +176,15 @@ def denoise(engine, job, step: StagePlan, canvas: Canvas) -> Canvas:
             canvas.hooks.on_step(canvas.steps_done)
 
     with torch.no_grad(), chunked_feed_forward(pipe.unet, plan.chunked_feed_forward):
-        recording = _graph_recording(engine, job, step, canvas, timesteps, loop, warm_up)
+        recording, first_sight = _graph_recording(engine, job, step, canvas, timesteps, loop, warm_up)
         if recording is not None:
             canvas.latents, first_bad = recording.run(canvas.latents, canvas.cond)
             canvas.graphed = True
             for _ in canvas.timesteps:
                 count_step()
         else:
-            canvas.latents, first_bad = loop(canvas.latents, canvas.cond, timesteps, canvas.scheduler, count_step)
+            canvas.latents, first_bad = loop(canvas.latents, canvas.cond, timesteps, canvas.scheduler, count_step,
+                                             replayed_calls=first_sight)
     bad_step = sampling.first_bad_step(first_bad)
     if bad_step is not None:
         raise RenderFailed(f"the denoiser produced NaN/inf latents at step {bad_step} of {len(canvas.timesteps)}"
@@ -181,23 +193,28 @@ def denoise(engine, job, step: StagePlan, canvas: Canvas) -> Canvas:
 
 
 def _graph_recording(engine, job, step: StagePlan, canvas: Canvas, timesteps: sampling.Timesteps, loop, warm_up):
-    """This denoise's CUDA graph recording (graphs.py), or None to run eagerly; says once on stderr why not."""
+    """(This denoise's CUDA graph recording (graphs.py), or None to run eagerly; whether the eager loop replays a
+    recorded model call instead: the key's first sight, with every weight resident). Says once on stderr why a
+    denoise runs eagerly when graphs cannot record it."""
     if engine.graphs is None or not len(canvas.timesteps):
-        return None
+        return None, False
     reason = graphs.unavailable(canvas.plan, step, job)
     if reason is None:
         weights = adapters.job_weights(engine.adapters.adapters, job) if engine.adapters is not None else ()
         recording_key = graphs.key(canvas.latents, canvas.cond, job.guidance, job.scheduler, step, canvas.plan,
                                    tuple(weights))
+        # under --model-offload a call's hooks move models, which a recording cannot; the loop's recording has
+        # the arena (offload.py) for that
+        first_sight = "model_offload" not in canvas.plan.flags and engine.graphs.first_sight(recording_key)
         if recording_key in engine.graphs.seen:  # recorded now or before: the weights it reads stay where they are,
             offload.bring_in_fixed(engine.pipe.unet)  # and a replay runs no forward whose hook would bring them in
         try:
             return engine.graphs.recording(recording_key, loop, canvas.latents, canvas.cond, timesteps,
-                                           canvas.scheduler, warm_up)
+                                           canvas.scheduler, warm_up), first_sight
         except graphs.RecordingFailed as failed:
             reason = f"recording failed ({failed})"
     engine.warn(f"sdrun: CUDA graphs off for this denoise: {reason}; running eagerly (--no-cuda-graphs: never try)")
-    return None
+    return None, False
 
 
 def decode(engine, job, step: StagePlan, canvas: Canvas) -> Canvas:
