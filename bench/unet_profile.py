@@ -4,10 +4,9 @@ SD 1.5 architecture, random weights, fp16, PyTorch SDPA (or sdrun's kernel with 
 GroupNorm + SiLU with --fused-norms, its one-pass GEGLU with --fused-geglu: together what sdrun's --xformers
 installs, the time embedding added as the second norm of each ResNet block reads; --time-add-apart adds it in a
 pass of its own first, as diffusers does); with --nhwc-outputs, the transformers' output step without the copy to
-NCHW that --channels-last installs,
-which only changes the `cl` cases; with --compile, the named blocks compiled by torch.compile, regional compilation
-as diffusers' compile_repeated_blocks does it). For each case: the replayed forward in ms (CUDA events, median of 20) and
-the profiler's GPU time per kernel kind for one eager forward. Kernel kinds are read from the kernel names
+NCHW that --channels-last installs, which only changes the `cl` cases; with --compile, the named blocks compiled by
+torch.compile, regional compilation as diffusers' compile_repeated_blocks does it). For each case: the replayed
+forward in ms (CUDA events, median of 20) and the profiler's GPU time per kernel kind for one eager forward. Kernel kinds are read from the kernel names
 (cuDNN's and CUTLASS's convolutions, layout transposes, GroupNorm's kernels, GEMMs, attention, elementwise).
 
     python bench/unet_profile.py [--cases 512x2,512x2cl,512x32cl,1024x2] [--xformers] [--fused-norms] [--fused-geglu]
@@ -128,8 +127,7 @@ def main() -> None:
         assert compiled, f"no block of the classes {blocks}"
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, xformers={args.xformers}, "
           f"fused norms={args.fused_norms} (time add apart: {args.time_add_apart}), fused GEGLU={args.fused_geglu}, "
-          f"NHWC outputs={args.nhwc_outputs}, "
-          f"compiled blocks={args.compile}")
+          f"NHWC outputs={args.nhwc_outputs}, compiled blocks={args.compile}")
     rows = []
     for case in args.cases.split(","):
         size, rest = case.split("x")

@@ -44,7 +44,7 @@ def test_text_to_image_equals_diffusers_own_pipeline(sdrun, tiny_pipe, scheduler
 
 def test_a_prompt_is_encoded_once_for_the_chunks_that_repeat_it(sdrun, monkeypatch):
     """A batch of one prompt encodes it once, however many chunks it renders in, and its images are those of chunks
-    that each encode it; another prompt (or a LoRA tag, which changes the text) is encoded anew."""
+    that each encode it; another prompt is encoded anew, and the first again after it."""
     from sdrun.render import prompts
 
     calls = []
