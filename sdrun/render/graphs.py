@@ -151,21 +151,30 @@ class Graphs:
                 warm_up) -> Recording:
         static_x, static_cond = x.clone(), cond.map(torch.clone)
         static_timesteps = Timesteps(timesteps.host, timesteps.device.clone())
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.stream):
-            warm_up(static_x, static_cond, static_timesteps)  # per-stream state (cuBLAS workspace) comes first
-        torch.cuda.current_stream(self.device).wait_stream(self.stream)
-        torch.cuda.synchronize(self.device)
-        reserved = torch.cuda.memory_reserved(self.device)
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph, stream=self.stream):
-                outputs = loop(static_x, static_cond, static_timesteps, scheduler)
-        except Exception:
-            torch.cuda.synchronize(self.device)  # the failed recording's work settles before the eager run
-            raise
-        pool = max(0, torch.cuda.memory_reserved(self.device) - reserved)
+        graph, outputs, pool = _recorded(lambda: warm_up(static_x, static_cond, static_timesteps),
+                                         lambda: loop(static_x, static_cond, static_timesteps, scheduler),
+                                         self.device, self.stream)
         return Recording(graph, static_x, static_cond, static_timesteps, tuple(outputs), scheduler, pool)
+
+
+def _recorded(warm_up, work, device: torch.device, stream: torch.cuda.Stream):
+    """`work()` recorded in a CUDA graph on `stream`, after `warm_up()` there (per-stream state such as cuBLAS's
+    workspace, and first-call work, come first) -> (graph, work's outputs, bytes of the graph's memory pool). A
+    recording that fails raises, once its work has settled, so the caller can run eagerly."""
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        warm_up()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    torch.cuda.synchronize(device)
+    reserved = torch.cuda.memory_reserved(device)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph, stream=stream):
+            outputs = work()
+    except Exception:
+        torch.cuda.synchronize(device)  # the failed recording's work settles before the eager run
+        raise
+    return graph, outputs, max(0, torch.cuda.memory_reserved(device) - reserved)
 
 
 def replayed_calls(model, device: torch.device, stream: torch.cuda.Stream):
@@ -190,16 +199,10 @@ def replayed_calls(model, device: torch.device, stream: torch.cuda.Stream):
 
 def _record_call(model, x: torch.Tensor, t: torch.Tensor, device: torch.device, stream) -> dict:
     static_x, static_t = x.clone(), t.clone()
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        model(static_x, static_t)  # per-stream state (cuBLAS workspace) and first-call work come first
-    torch.cuda.current_stream(device).wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
     try:
-        with torch.cuda.graph(graph, stream=stream):
-            out = model(static_x, static_t)
+        graph, out, _ = _recorded(lambda: model(static_x, static_t), lambda: model(static_x, static_t), device,
+                                  stream)
     except Exception:  # a model that cannot be recorded: eager, as without graphs
-        torch.cuda.synchronize(device)
         return {"graph": None}
     return {"graph": graph, "x": static_x, "t": static_t, "out": out}
 
