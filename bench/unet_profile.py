@@ -11,7 +11,7 @@ forward in ms (CUDA events, median of 20) and the profiler's GPU time per kernel
 
     python bench/unet_profile.py [--cases 512x2,512x2cl,512x32cl,1024x2] [--xformers] [--fused-norms] [--fused-geglu]
                                  [--nhwc-outputs] [--time-add-apart]
-                                 [--compile BasicTransformerBlock,ResnetBlock2D]
+                                 [--compile BasicTransformerBlock,ResnetBlock2D] [--cudnn-benchmark] [--top N]
 """
 
 import argparse
@@ -69,7 +69,7 @@ def replayed_ms(unet, sample, context) -> float:
 
 
 def profile(unet, sample, context) -> tuple[collections.Counter, collections.Counter]:
-    """GPU ms of one eager forward by kernel kind, and by kernel name."""
+    """GPU ms of one eager forward by kernel kind (and the count of its kernels, as "kernels"), and by kernel name."""
     timestep = torch.tensor(500, device=sample.device)
     with torch.no_grad():
         unet(sample, timestep, context)
@@ -82,6 +82,7 @@ def profile(unet, sample, context) -> tuple[collections.Counter, collections.Cou
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
             totals[kind_of(event.name)] += event.device_time / 1000
+            totals["kernels"] += 1
             names[event.name[:90]] += event.device_time / 1000
     return totals, names
 
@@ -96,7 +97,9 @@ def main() -> None:
     parser.add_argument("--time-add-apart", action="store_true")
     parser.add_argument("--compile", help="comma-separated block classes to compile one by one (torch.compile)")
     parser.add_argument("--top", type=int, default=0, help="also list the N costliest kernels of each case")
+    parser.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN time its algorithms per shape")
     args = parser.parse_args()
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     torch.manual_seed(0)
     with torch.device("cuda"):
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(models.CONFIGS / "sd1" / "unet"))
@@ -127,7 +130,7 @@ def main() -> None:
         assert compiled, f"no block of the classes {blocks}"
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, xformers={args.xformers}, "
           f"fused norms={args.fused_norms} (time add apart: {args.time_add_apart}), fused GEGLU={args.fused_geglu}, "
-          f"NHWC outputs={args.nhwc_outputs}, compiled blocks={args.compile}")
+          f"NHWC outputs={args.nhwc_outputs}, compiled blocks={args.compile}, cuDNN benchmark={args.cudnn_benchmark}")
     rows = []
     for case in args.cases.split(","):
         size, rest = case.split("x")
@@ -152,10 +155,10 @@ def main() -> None:
                 print(f"  {ms:8.3f}  {name}")
         torch.cuda.empty_cache()
     kinds = [kind for kind, _ in KINDS] + ["other"]
-    print("| case | replayed ms | eager GPU ms | " + " | ".join(kinds) + " |")
-    print("|---" * (len(kinds) + 3) + "|")
+    print("| case | replayed ms | eager GPU ms | kernels | " + " | ".join(kinds) + " |")
+    print("|---" * (len(kinds) + 4) + "|")
     for case, graph_ms, totals in rows:
-        print(f"| {case} | {graph_ms:.2f} | {sum(totals.values()):.2f} | "
+        print(f"| {case} | {graph_ms:.2f} | {sum(totals[kind] for kind in kinds):.2f} | {totals['kernels']} | "
               + " | ".join(f"{totals.get(kind, 0):.2f}" for kind in kinds) + " |")
 
 

@@ -161,10 +161,11 @@ at::Tensor group_norm(at::Tensor x, int64_t groups, std::optional<at::Tensor> we
     at::cuda::CUDAGuard device_guard{x.device()};
     at::Tensor y = at::empty_like(x, channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
     if (x.numel() == 0) return y;
-    const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
     GroupNormParams p{};
     p.pixels = pixels; p.batch = int(batch); p.channels = int(channels); p.groups = int(groups);
-    p.splits = group_norm_splits(pixels, p.batch, p.channels, p.groups, channels_last, sms);
+    p.dtype = gn_dtype(dtype); p.param_dtype = gn_dtype(param_dtype);
+    const GroupNormPlan plan = group_norm_plan(pixels, p.batch, p.channels, p.groups, channels_last, p.dtype, silu);
+    p.splits = plan.splits; p.resident = plan.resident;
     at::Tensor partials = at::empty({batch * groups * p.splits * 3}, x.options().dtype(at::kFloat));
     at::Tensor scale_shift = at::empty({batch * channels * 2}, x.options().dtype(at::kFloat));
     p.x = x.data_ptr(); p.y = y.data_ptr();
@@ -173,7 +174,6 @@ at::Tensor group_norm(at::Tensor x, int64_t groups, std::optional<at::Tensor> we
     p.channel_add = channel_add.has_value() ? channel_add->data_ptr() : nullptr;
     p.partials = partials.data_ptr<float>(); p.scale_shift = scale_shift.data_ptr<float>();
     p.eps = float(eps); p.channels_last = channels_last; p.silu = silu;
-    p.dtype = gn_dtype(dtype); p.param_dtype = gn_dtype(param_dtype);
     C10_CUDA_CHECK(group_norm_fwd(p, at::cuda::getCurrentCUDAStream()));  // launch errors; never synchronizes
     return y;
 }

@@ -16,19 +16,30 @@ struct GroupNormParams {
     const void *__restrict__ bias;     // (channels,) in param_dtype, or null for 0
     // (batch, channels) in x's dtype, added to x before it is normalised (a ResNet block's time embedding), or null
     const void *__restrict__ channel_add;
-    float *__restrict__ partials;      // workspace: batch * groups * splits * 3 floats (count, mean, M2)
-    float *__restrict__ scale_shift;   // workspace: batch * channels * 2 floats (y = x * scale + shift)
+    // workspaces: batch * groups * splits * 3 floats, each piece's (count, mean, M2), or in the resident kernel its
+    // (sum, squares); batch * channels * 2 floats, y = x * scale + shift's coefficients, or in the resident kernel
+    // each (image, group)'s (mean, rstd)
+    float *__restrict__ partials;
+    float *__restrict__ scale_shift;
     int64_t pixels;
     int batch, channels, groups;
-    int splits;  // pieces each (image, group) is reduced in, in parallel (group_norm_splits)
+    int splits;     // pieces each (image, group) is reduced in, in parallel (group_norm_plan)
+    bool resident;  // NHWC in one cooperative launch (group_norm_plan)
     float eps;
     bool channels_last, silu;
     GnDtype dtype, param_dtype;
 };
 
-// How many pieces the statistics of each (image, group) are reduced in: enough blocks to fill `num_sms`.
-int group_norm_splits(int64_t pixels, int batch, int channels, int groups, bool channels_last, int num_sms);
+// How the current device runs a norm: the pieces each (image, group)'s statistics are reduced in (enough blocks to
+// fill the GPU), and whether NHWC runs as one cooperative launch with every block resident (the device supports
+// it and the batch fits).
+struct GroupNormPlan {
+    int splits;
+    bool resident;
+};
+GroupNormPlan group_norm_plan(int64_t pixels, int batch, int channels, int groups, bool channels_last, GnDtype dtype,
+                             bool silu);
 
-// Launches the three kernels on `stream`; returns the first CUDA error (from configuration or launch), never
+// Launches the kernel(s) on `stream`; returns the first CUDA error (from configuration or launch), never
 // synchronizes.
 cudaError_t group_norm_fwd(const GroupNormParams &params, cudaStream_t stream);

@@ -84,12 +84,18 @@ def test_a_new_size_records_again(sdrun, tmp_path):
 
 
 @pytest.mark.parametrize("scheduler", sorted(SAMPLERS))
-def test_every_scheduler_records_or_says_why(sdrun, scheduler):
+def test_every_scheduler_records_or_says_why(sdrun, scheduler, monkeypatch):
+    recorded_calls = []
+    record_call = graphs._record_call
+    monkeypatch.setattr(graphs, "_record_call", lambda *a: recorded_calls.append(1) or record_call(*a))
     graphed, result = run(sdrun, "graphed", "--scheduler", scheduler)
     eager, _ = run(sdrun, "eager", "--scheduler", scheduler, "--no-cuda-graphs")
     replayed = [meta(p)["render"]["cuda_graph"] for p in graphed]
-    print(scheduler, replayed, result.stderr.strip().splitlines()[-3:])
-    if not any(replayed):
+    print(scheduler, replayed, len(recorded_calls), result.stderr.strip().splitlines()[-3:])
+    if scheduler in graphs.SCHEDULERS_DRAWING_NOISE:  # every image replays one recorded model call, its loop eager
+        assert not any(replayed) and len(recorded_calls) == len(graphed)
+        assert "CUDA graphs replay this denoise's model calls, not its loop" in result.stderr
+    elif not any(replayed):
         assert "CUDA graphs off for this denoise" in result.stderr
     for mine, theirs in zip(graphed, eager):
         assert np.abs(pixels(mine) - pixels(theirs)).max() <= 1 / 255

@@ -32,10 +32,16 @@ def test_a_plain_512_denoise_can_be_recorded(flags, max_vram):
     (Plan(max_vram=1.6, unet_resident_gib=1.1), SMALL, Job(prompt="x"), "partial residency streams"),
     (Plan(), StagePlan("denoise", 3840, 2160, steps=20), Job(prompt="x"), "at 3840x2160 the GPU's work"),
     (Plan(), StagePlan("denoise", 512, 512, windows=Windows(64, 96, 64, 16, 2)), Job(prompt="x"), "at 512x512"),
-    (Plan(), SMALL, Job(prompt="x", scheduler="euler-a"), "--scheduler euler-a draws new noise"),
 ])
 def test_why_a_denoise_stays_eager(plan, step, job, says):
     assert says in graphs.unavailable(plan, step, job)
+
+
+def test_a_scheduler_drawing_noise_bars_the_loop_but_not_its_model_calls():
+    job = Job(prompt="x", scheduler="euler-a")
+    assert graphs.unavailable(Plan(("fp16",)), SMALL, job) is None
+    assert "--scheduler euler-a draws new noise" in graphs.loop_unavailable(job)
+    assert graphs.loop_unavailable(Job(prompt="x", scheduler="ddim")) is None
 
 
 def test_cuda_graphs_flag_is_accepted_on_the_cpu_and_changes_nothing(sdrun, tmp_path):

@@ -1,9 +1,10 @@
 """sdrun's GroupNorm (+ SiLU) kernel (csrc/group_norm.cu) against a float32 reference, and its place in the UNet.
 
 GPU (marked `cuda`): fresh random inputs with a mean far from zero (the case where a sum of squares cancels), SD's
-shapes in NCHW and channels-last, every dtype, weights in the input's dtype or float32 or absent, a per-channel
-addition (the time embedding), the binding's refusals, CUDA graph capture, the UNet and the VAE with the kernel
-against them without it, and a tiled decode (shared statistics, seen through a TorchFunctionMode) unchanged by it.
+shapes in NCHW and channels-last (one resident launch, and three for a batch too large for that), every dtype,
+weights in the input's dtype or float32 or absent, a per-channel addition (the time embedding), the binding's
+refusals, CUDA graph capture, the UNet and the VAE with the kernel against them without it, and a tiled decode
+(shared statistics, seen through a TorchFunctionMode) unchanged by it.
 CPU: the UNet and the VAE with `install_fused_norms` compute exactly what diffusers' own blocks compute (there
 `group_norm` is PyTorch's).
 """
@@ -83,13 +84,30 @@ def test_a_per_channel_addition_is_added_before_the_statistics(dtype, channels_l
 
 @cuda
 @pytest.mark.cuda
-def test_float32_weights_no_weights_and_a_large_offset():
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_float32_weights_no_weights_and_a_large_offset(channels_last):
     ops.load()
-    x, weight, bias = inputs((2, 320, 32, 32), torch.float16, False, seed=5, offset=200.0)  # mean 200, std 2
+    x, weight, bias = inputs((2, 320, 32, 32), torch.float16, channels_last, seed=5, offset=200.0)  # mean 200, std 2
     for w, b in ((weight, bias), (None, None)):
         y = norms.group_norm(x, 32, w, b, 1e-6, True)
         expected = reference(x, 32, w, b, 1e-6, True)
         assert (y.float() - expected).abs().max().item() < 0.05  # fp16 input rounding at 200 is 0.125: of std 2
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("silu", [True, False])
+def test_a_channels_last_batch_too_large_to_be_resident_takes_three_launches(silu):
+    """The resident kernel keeps at most two blocks an SM and one image a block at least: a batch of more images
+    than twice the SMs takes the three-launch path, which must compute the same norm."""
+    ops.load()
+    batch = 2 * torch.cuda.get_device_properties(0).multi_processor_count + 1
+    x, weight, bias = inputs((batch, 64, 4, 8), torch.float16, True, seed=batch)
+    generator = torch.Generator("cuda").manual_seed(3)
+    add = (torch.randn(batch, 64, device="cuda", generator=generator) * 4).half()
+    y = norms.group_norm(x, 32, weight.half(), bias.half(), 1e-5, silu, add)
+    expected = reference(x, 32, weight.half(), bias.half(), 1e-5, silu, add)
+    assert (y.float() - expected).abs().max().item() <= TOLERANCE[torch.float16] * max(1.0, expected.abs().max().item() / 4)
 
 
 @cuda

@@ -30,7 +30,9 @@ from sdrun.render.sampling import Conditioning, Timesteps
 KEPT = 2  # recordings a run keeps (the least recently used goes): each holds the memory of a denoise's activations
 KEPT_UNDER_MAX_VRAM = 1  # the planner counts one recording's memory in the stages after a denoise (plan.py)
 MAX_PIXELS = 1536 * 1024  # above this the GPU's work, not kernel launches, sets the pace: a graph gains nothing
-SCHEDULERS_DRAWING_NOISE = ("euler-a",)  # they draw new noise each step, which a recording would repeat
+# they draw new noise each step, which a recorded loop would repeat: their images replay a recorded model call at
+# every step instead (the scheduler's step, and its draw, eager between replays)
+SCHEDULERS_DRAWING_NOISE = ("euler-a",)
 
 
 def unavailable(plan, step, job) -> str | None:
@@ -45,8 +47,14 @@ def unavailable(plan, step, job) -> str | None:
     if step.windows is not None or step.width * step.height > MAX_PIXELS:
         return (f"at {step.width}x{step.height} the GPU's work, not kernel launches, sets the pace, and a graph "
                 "would only hold memory")
+    return None
+
+
+def loop_unavailable(job) -> str | None:
+    """Why this denoise's loop cannot be recorded although its model calls can, as a sentence; None when it can.
+    Its images then replay one recorded model call at every step, as a size's first image does."""
     if job.scheduler in SCHEDULERS_DRAWING_NOISE:
-        return f"--scheduler {job.scheduler} draws new noise every step, which a recorded graph would repeat"
+        return f"--scheduler {job.scheduler} draws new noise every step, which a recorded loop would repeat"
     return None
 
 
@@ -54,10 +62,9 @@ def availability(device: torch.device) -> str:
     """For `sdrun info`: whether runs here replay their denoise from CUDA graphs, and when not."""
     if device.type != "cuda":
         return "unavailable: no CUDA GPU is visible to torch"
-    return (f"on from a size's second image (its first replays one recorded model call), up to "
-            f"{MAX_PIXELS // 1024}x1024 (not with --cpu-offload, partial "
-            f"residency, --model-offload under --max-vram, or {', '.join(SCHEDULERS_DRAWING_NOISE)}; "
-            "--no-cuda-graphs turns them off)")
+    return (f"on from a size's second image (its first replays one recorded model call, as every image of "
+            f"{', '.join(SCHEDULERS_DRAWING_NOISE)} does), up to {MAX_PIXELS // 1024}x1024 (not with --cpu-offload, "
+            "partial residency or --model-offload under --max-vram; --no-cuda-graphs turns them off)")
 
 
 def key(x: torch.Tensor, cond: Conditioning, *settings) -> tuple:

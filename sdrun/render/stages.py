@@ -194,18 +194,24 @@ def denoise(engine, job, step: StagePlan, canvas: Canvas) -> Canvas:
 
 def _graph_recording(engine, job, step: StagePlan, canvas: Canvas, timesteps: sampling.Timesteps, loop, warm_up):
     """(This denoise's CUDA graph recording (graphs.py), or None to run eagerly; whether the eager loop replays a
-    recorded model call instead: the key's first sight, with every weight resident). Says once on stderr why a
-    denoise runs eagerly when graphs cannot record it."""
+    recorded model call instead: the key's first sight, or a loop that cannot be recorded (euler-a), with every
+    weight resident). Says once on stderr why a denoise runs eagerly, or replays only its calls."""
     if engine.graphs is None or not len(canvas.timesteps):
         return None, False
     reason = graphs.unavailable(canvas.plan, step, job)
+    # under --model-offload a call's hooks move models, which a recording cannot; the loop's recording has the
+    # arena (offload.py) for that
+    calls_recordable = "model_offload" not in canvas.plan.flags
+    if reason is None and (loop_reason := graphs.loop_unavailable(job)) is not None:
+        if calls_recordable:
+            engine.warn(f"sdrun: CUDA graphs replay this denoise's model calls, not its loop: {loop_reason}")
+            return None, True
+        reason = loop_reason
     if reason is None:
         weights = adapters.job_weights(engine.adapters.adapters, job) if engine.adapters is not None else ()
         recording_key = graphs.key(canvas.latents, canvas.cond, job.guidance, job.scheduler, step, canvas.plan,
                                    tuple(weights))
-        # under --model-offload a call's hooks move models, which a recording cannot; the loop's recording has
-        # the arena (offload.py) for that
-        first_sight = "model_offload" not in canvas.plan.flags and engine.graphs.first_sight(recording_key)
+        first_sight = calls_recordable and engine.graphs.first_sight(recording_key)
         if recording_key in engine.graphs.seen:  # recorded now or before: the weights it reads stay where they are,
             offload.bring_in_fixed(engine.pipe.unet)  # and a replay runs no forward whose hook would bring them in
         try:
