@@ -15,9 +15,12 @@
 // 3. grid sync; each thread turns its channels' statistics into y = x * scale + shift's coefficients (with the
 //    addition folded into the shift: (x + a - mean) * scale + bias), then reads its pixels again, scales, SiLU,
 //    stores.
-// The seventh session measured the three-launch path below at 23.7 µs for (2, 320, 64, 64) NHWC against 12.5 µs
-// NCHW: its NHWC statistics merged every channel's moments serially per group and per piece (Chan's formula, a
-// division each) and each launch costs its ramp-up and drain. It remains for NHWC batches too large to be resident.
+// Measured on an H100 (bench/group_norm.py, GroupNorm + SiLU, fp16, µs per call from a CUDA graph): the
+// three-launch path below took 23.7 µs at (2, 320, 64, 64) NHWC (12.5 µs NCHW), 14.0 at (2, 1280, 8, 8) and 48.1 at
+// (2, 320, 128, 128): its NHWC statistics merged every channel's moments serially per group and per piece (Chan's
+// formula, a division each), and each launch costs its ramp-up and drain. The resident kernel: 15.4, 9.1 and
+// 37.5 µs; at (32, 320, 64, 64), too large for the L2 cache, both take about 160 µs. The three launches remain for
+// NHWC batches too large to be resident.
 //
 // NCHW, three launches, each using the whole GPU:
 // 1. statistics: every (image, group) is cut into `splits` pieces reduced by separate blocks. A thread sums
