@@ -222,6 +222,15 @@ __global__ void __launch_bounds__(kThreads) apply(const GroupNormParams p) {
     }
 }
 
+__device__ __forceinline__ void accumulate(float2 &total, float2 piece) { total.x += piece.x, total.y += piece.y; }
+
+// Summed over the warp; the result is valid in lane 0.
+__device__ __forceinline__ float2 warp_sum(float2 t) {
+    for (int offset = 16; offset > 0; offset /= 2)
+        t.x += __shfl_down_sync(0xffffffff, t.x, offset), t.y += __shfl_down_sync(0xffffffff, t.y, offset);
+    return t;
+}
+
 // NHWC, one cooperative launch (see the top of the file). Block (split, image) owns a run of the image's pixels
 // in phases 1 and 3; `p.partials` holds each piece's (sum, squares) as float2 [image][group][split], and
 // `p.scale_shift` each (image, group)'s (mean, rstd) as float2.
@@ -265,20 +274,20 @@ __global__ void __launch_bounds__(kMaxNhwcThreads) resident_nhwc(const GroupNorm
         }
     }
 #pragma unroll
-    for (int k = 0; k < V::kN; ++k) channel_sums[row * p.channels + column * V::kN + k] = make_float2(sum[k], squares[k]);
+    for (int k = 0; k < V::kN; ++k)
+        channel_sums[row * p.channels + column * V::kN + k] = make_float2(sum[k], squares[k]);
     __syncthreads();
     for (int c = threadIdx.x; c < p.channels; c += blockDim.x) {  // rows into row 0: each thread its own channels
         float2 t = channel_sums[c];
-        for (int r = 1; r < rows; ++r) t.x += channel_sums[r * p.channels + c].x, t.y += channel_sums[r * p.channels + c].y;
+        for (int r = 1; r < rows; ++r) accumulate(t, channel_sums[r * p.channels + c]);
         channel_sums[c] = t;
     }
     __syncthreads();
     float2 *pieces = reinterpret_cast<float2 *>(p.partials);
     for (int g = warp; warp < full_warps && g < p.groups; g += full_warps) {
         float2 t{0.f, 0.f};
-        for (int c = lane; c < per_group; c += 32) t.x += channel_sums[g * per_group + c].x, t.y += channel_sums[g * per_group + c].y;
-        for (int offset = 16; offset > 0; offset /= 2)
-            t.x += __shfl_down_sync(0xffffffff, t.x, offset), t.y += __shfl_down_sync(0xffffffff, t.y, offset);
+        for (int c = lane; c < per_group; c += 32) accumulate(t, channel_sums[g * per_group + c]);
+        t = warp_sum(t);
         if (lane == 0) pieces[(int64_t(image) * p.groups + g) * p.splits + split] = t;
     }
     cooperative_groups::this_grid().sync();
@@ -289,9 +298,8 @@ __global__ void __launch_bounds__(kMaxNhwcThreads) resident_nhwc(const GroupNorm
     const int64_t first_item = (int64_t(blockIdx.y) * gridDim.x + blockIdx.x) * full_warps + warp;
     for (int64_t item = first_item; warp < full_warps && item < int64_t(p.batch) * p.groups; item += grid_warps) {
         float2 t{0.f, 0.f};
-        for (int i = lane; i < p.splits; i += 32) t.x += pieces[item * p.splits + i].x, t.y += pieces[item * p.splits + i].y;
-        for (int offset = 16; offset > 0; offset /= 2)
-            t.x += __shfl_down_sync(0xffffffff, t.x, offset), t.y += __shfl_down_sync(0xffffffff, t.y, offset);
+        for (int i = lane; i < p.splits; i += 32) accumulate(t, pieces[item * p.splits + i]);
+        t = warp_sum(t);
         if (lane == 0) {
             const float n = float(p.pixels) * per_group, mean = t.x / n;
             stats[item] = make_float2(group_shift(item / p.groups, int(item % p.groups)) + mean,

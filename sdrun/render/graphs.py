@@ -15,8 +15,9 @@ A key is recorded the second time a run meets it, so a one-image run pays for no
 time, the loop runs on the host, but its model calls need not: `replayed_calls` records one denoiser call (the UNet
 with its guidance) after a warm-up call, which also warms cuDNN and cuBLAS and loads the kernels lazily, and replays
 it for every step; only the scheduler's step and the NaN watch run eagerly between replays. At 512x512 the eager
-loop waited on the host for 30-40 ms a step against a replay's 8 ms. `unavailable` says when a render stays eager
-and why, in a sentence the run prints once.
+loop waited on the host for 30-40 ms a step against a replay's 8 ms. Every image of a scheduler that draws new
+noise each step (`loop_unavailable`) runs so too: a recorded loop would repeat its noise. `unavailable` says when a
+render stays eager and why, in a sentence the run prints once.
 """
 
 import copy
