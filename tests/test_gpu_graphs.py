@@ -35,6 +35,16 @@ def assert_replays_match_eager(sdrun, *args, images=3, model=TINY, tolerance=1 /
     return graphed
 
 
+@pytest.fixture
+def recorded_calls(monkeypatch):
+    """A list that grows by one for each model call `graphs.replayed_calls` records (one per image replaying its
+    calls)."""
+    calls = []
+    record_call = graphs._record_call
+    monkeypatch.setattr(graphs, "_record_call", lambda *a: calls.append(1) or record_call(*a))
+    return calls
+
+
 def test_replayed_calls_run_the_model_twice_and_give_its_values():
     ran = []
 
@@ -52,10 +62,7 @@ def test_replayed_calls_run_the_model_twice_and_give_its_values():
 
 
 @pytest.mark.parametrize("precision", [(), ("--fp16",)])
-def test_replayed_images_match_eager_ones(sdrun, precision, monkeypatch):
-    recorded_calls = []
-    record_call = graphs._record_call
-    monkeypatch.setattr(graphs, "_record_call", lambda *a: recorded_calls.append(1) or record_call(*a))
+def test_replayed_images_match_eager_ones(sdrun, precision, recorded_calls):
     graphed, _ = run(sdrun, "graphed", *precision)
     assert recorded_calls == [1]  # the first image replayed one recorded call; the others the recorded loop
     eager, _ = run(sdrun, "eager", "--no-cuda-graphs", *precision)
@@ -84,10 +91,7 @@ def test_a_new_size_records_again(sdrun, tmp_path):
 
 
 @pytest.mark.parametrize("scheduler", sorted(SAMPLERS))
-def test_every_scheduler_records_or_says_why(sdrun, scheduler, monkeypatch):
-    recorded_calls = []
-    record_call = graphs._record_call
-    monkeypatch.setattr(graphs, "_record_call", lambda *a: recorded_calls.append(1) or record_call(*a))
+def test_every_scheduler_records_or_says_why(sdrun, scheduler, recorded_calls):
     graphed, result = run(sdrun, "graphed", "--scheduler", scheduler)
     eager, _ = run(sdrun, "eager", "--scheduler", scheduler, "--no-cuda-graphs")
     replayed = [meta(p)["render"]["cuda_graph"] for p in graphed]
