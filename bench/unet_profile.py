@@ -2,15 +2,17 @@
 
 SD 1.5 architecture, random weights, fp16, PyTorch SDPA (or sdrun's kernel with --xformers, sdrun's fused
 GroupNorm + SiLU with --fused-norms, its one-pass GEGLU with --fused-geglu: together what sdrun's --xformers
-installs, the time embedding added as the second norm of each ResNet block reads; --time-add-apart adds it in a
-pass of its own first, as diffusers does); with --nhwc-outputs, the transformers' output step without the copy to
-NCHW that --channels-last installs, which only changes the `cl` cases; with --compile, the named blocks compiled by
+installs, the time embedding and conv1's bias added as the second norm of each ResNet block reads, conv2's bias
+by the shortcut; --time-add-apart adds the time embedding in a pass of its own first, as diffusers does;
+--biases-apart leaves each convolution its own bias pass, as before the eleventh session); with --nhwc-outputs,
+the transformers' output step without the copy to NCHW that --channels-last installs, and with --pointwise-gemms its
+1x1 convolutions as GEMMs with the bias in the epilogue, which only change the `cl` cases; with --compile, the named blocks compiled by
 torch.compile, regional compilation as diffusers' compile_repeated_blocks does it). For each case: the replayed
 forward in ms (CUDA events, median of 20) and the profiler's GPU time per kernel kind for one eager forward. Kernel kinds are read from the kernel names
 (cuDNN's and CUTLASS's convolutions, layout transposes, GroupNorm's kernels, GEMMs, attention, elementwise).
 
     python bench/unet_profile.py [--cases 512x2,512x2cl,512x32cl,1024x2] [--xformers] [--fused-norms] [--fused-geglu]
-                                 [--nhwc-outputs] [--time-add-apart]
+                                 [--nhwc-outputs] [--pointwise-gemms] [--time-add-apart] [--biases-apart]
                                  [--compile BasicTransformerBlock,ResnetBlock2D] [--cudnn-benchmark] [--top N]
 """
 
@@ -95,6 +97,8 @@ def main() -> None:
     parser.add_argument("--fused-geglu", action="store_true")
     parser.add_argument("--nhwc-outputs", action="store_true")
     parser.add_argument("--time-add-apart", action="store_true")
+    parser.add_argument("--biases-apart", action="store_true")
+    parser.add_argument("--pointwise-gemms", action="store_true")
     parser.add_argument("--compile", help="comma-separated block classes to compile one by one (torch.compile)")
     parser.add_argument("--top", type=int, default=0, help="also list the N costliest kernels of each case")
     parser.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN time its algorithms per shape")
@@ -118,19 +122,26 @@ def main() -> None:
             if args.time_add_apart:
                 for block in [m for m in unet.modules() if type(m).__name__ == "ResnetBlock2D"]:
                     block.norm2 = TimeAddedApart(block.norm2)
+            if args.biases_apart:  # a hook makes the rewired blocks run each convolution whole (ops.pointwise)
+                for conv in [m for m in unet.modules() if isinstance(m, torch.nn.Conv2d)]:
+                    conv.register_forward_pre_hook(lambda *args: None)
         if args.fused_geglu:
             install_fused_geglu(unet)
     if args.nhwc_outputs:
         from sdrun.backends.channels_last import install_transformer_outputs
 
         install_transformer_outputs(unet)
+    if args.pointwise_gemms:
+        from sdrun.ops.pointwise import install_pointwise_convs
+
+        install_pointwise_convs(unet)
     if args.compile:
         blocks = args.compile.split(",")
         compiled = [m.compile(fullgraph=True) or m for m in unet.modules() if type(m).__name__ in blocks]
         assert compiled, f"no block of the classes {blocks}"
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, xformers={args.xformers}, "
-          f"fused norms={args.fused_norms} (time add apart: {args.time_add_apart}), fused GEGLU={args.fused_geglu}, "
-          f"NHWC outputs={args.nhwc_outputs}, compiled blocks={args.compile}, cuDNN benchmark={args.cudnn_benchmark}")
+          f"fused norms={args.fused_norms} (time add apart: {args.time_add_apart}, biases apart: {args.biases_apart}), "
+          f"fused GEGLU={args.fused_geglu}, NHWC outputs={args.nhwc_outputs}, pointwise GEMMs={args.pointwise_gemms}, compiled blocks={args.compile}, cuDNN benchmark={args.cudnn_benchmark}")
     rows = []
     for case in args.cases.split(","):
         size, rest = case.split("x")

@@ -5,8 +5,8 @@ shapes in NCHW and channels-last (one resident launch, and three for a batch too
 weights in the input's dtype or float32 or absent, a per-channel addition (the time embedding), the binding's
 refusals, CUDA graph capture, the UNet and the VAE with the kernel against them without it, and a tiled decode
 (shared statistics, seen through a TorchFunctionMode) unchanged by it.
-CPU: the UNet and the VAE with `install_fused_norms` compute exactly what diffusers' own blocks compute (there
-`group_norm` is PyTorch's).
+CPU: the UNet and the VAE with `install_fused_norms` compute what diffusers' own blocks compute (there `group_norm`
+is PyTorch's), within float32 rounding: conv1's bias is added with the time embedding, in another order.
 """
 
 import pytest
@@ -161,7 +161,7 @@ def test_installed_unet_computes_what_diffusers_blocks_compute():
         expected = unet(sample, 500, context).sample
         report = norms.install_fused_norms(unet)
         got = unet(sample, 500, context).sample
-    assert torch.equal(got, expected)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=2e-5)
     count = sum(isinstance(m, torch.nn.GroupNorm) for m in unet.modules())
     assert report.fused_with_silu + report.plain == count and not report.left
     assert report.fused_with_silu > report.plain > 0
@@ -180,7 +180,8 @@ def test_installed_vae_computes_what_diffusers_blocks_compute():
         expected = vae.decode(latents).sample, vae.encode(pixels).latent_dist.parameters
         report = norms.install_fused_norms(vae, "VAE")
         got = vae.decode(latents).sample, vae.encode(pixels).latent_dist.parameters
-    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)
     count = sum(isinstance(m, torch.nn.GroupNorm) for m in vae.modules())
     assert report.fused_with_silu + report.plain == count and not report.left
     assert report.plain == sum(type(m).__name__ == "Attention" for m in vae.modules())  # their input norms
@@ -190,7 +191,7 @@ def test_installed_vae_computes_what_diffusers_blocks_compute():
 def test_under_a_torch_function_mode_the_norms_leave_the_kernel_to_the_mode(monkeypatch):
     """The tiled decode's shared statistics intercept `F.group_norm` through a TorchFunctionMode: with the kernel
     standing in as if it took every input, a tiled decode still never calls it, and equals the tiled decode of the
-    VAE as diffusers built it; outside the mode the kernel is called."""
+    VAE as diffusers built it (within float32 rounding); outside the mode the kernel is called."""
     from sdrun import models
     from sdrun.render import shared_norm_tiles
 
@@ -213,7 +214,7 @@ def test_under_a_torch_function_mode_the_norms_leave_the_kernel_to_the_mode(monk
         tiled = shared_norm_tiles.decode(vae, latents, 32, 8)
         assert not kernel_calls
         vae.decode(latents)
-    assert torch.equal(tiled, expected)
+    torch.testing.assert_close(tiled, expected, rtol=1e-5, atol=2e-5)
     assert len(kernel_calls) == sum(isinstance(m, torch.nn.GroupNorm) for m in vae.decoder.modules())
 
 
@@ -239,7 +240,8 @@ def test_vae_on_the_kernel_matches_pytorch_and_leaves_tiled_statistics_alone(cha
         tiled_after = shared_norm_tiles.decode(vae, latents, 64, 16).float()
     assert (kernel - exact).abs().max() <= 2 * (pytorch - exact).abs().max() + 5e-3
     assert not torch.equal(kernel, pytorch)  # the kernel did run (it rounds once where PyTorch rounds twice)
-    assert torch.equal(tiled_after, tiled)  # under the tiles' TorchFunctionMode the norms were PyTorch's
+    # under the tiles' TorchFunctionMode the norms were PyTorch's: the same decode but for the biases' order of sums
+    assert (tiled_after - tiled).abs().max() <= (pytorch - exact).abs().max() + 1e-3
 
 
 @cuda

@@ -6,6 +6,9 @@ both through PyTorch's strided copy kernel. In NHWC the permuted view already is
 residual addition want, so `apply` gives each transformer an output step without that copy. Measured on an H100
 (bench/unet_profile.py, SD 1.5, `--xformers`, one run): a forward of 32 windows of 512x512 85.9 -> 80.7 ms, one at
 512x512 batch 2 8.54 -> 8.13 ms.
+
+The 1x1 convolutions of the UNet and the VAE (a transformer's projections in and out, a ResNet block's shortcut)
+then run as GEMMs on the NHWC view, their bias in cuBLAS's epilogue instead of a pass of its own (ops/pointwise.py).
 """
 
 import types
@@ -43,9 +46,13 @@ def install_transformer_outputs(unet) -> int:
 def apply(pipe, _device):
     import torch
 
+    from sdrun.ops.pointwise import install_pointwise_convs
+
     pipe.unet.to(memory_format=torch.channels_last)
     pipe.vae.to(memory_format=torch.channels_last)
     install_transformer_outputs(pipe.unet)
+    for model in (pipe.unet, pipe.vae):
+        install_pointwise_convs(model)
 
 
 BACKEND = Backend(

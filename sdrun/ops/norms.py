@@ -10,8 +10,8 @@ GroupNorm and SiLU otherwise, so the models run anywhere. `channel_add` is a per
 first: a ResNet block's time embedding, which the kernel adds as it reads x, so the sum is never written.
 
 `install_fused_norms(model)` puts it on every GroupNorm of the UNet or the VAE: each ResNet block's two norms run
-fused with their SiLU, the second also adding the time embedding (the block's forward is diffusers' default one
-with those changes, and only blocks of that shape are changed), each transformer's or attention's input norm runs
+fused with their SiLU, the second also adding the time embedding and the bias of the convolution before it (the
+block's forward is diffusers' default one with those changes, and only blocks of that shape are changed), each transformer's or attention's input norm runs
 plain, and an output norm runs fused with the SiLU after it. Under a TorchFunctionMode the norms call PyTorch's
 `F.group_norm`, which the mode sees: the tiled VAE's shared statistics work that way (render/shared_norm_tiles.py).
 """
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdrun.ops import _ext
+from sdrun.ops.pointwise import runs_bare
 
 
 def kernel_takes(x: torch.Tensor) -> bool:
@@ -82,20 +83,31 @@ class FusedGroupNorm(nn.GroupNorm):
 
 def fused_resnet_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None, *args, **kwargs):
     """diffusers' ResnetBlock2D.forward (0.42) for blocks that neither resample nor scale-shift, with norm1 and
-    norm2 computing the SiLU that follows each, and norm2 adding the projected time embedding as it reads (the
-    block's own nonlinearity still activates the time embedding)."""
-    hidden_states = self.conv1(self.norm1(input_tensor))
+    norm2 computing the SiLU that follows each, and norm2 adding, as it reads, the projected time embedding and
+    conv1's bias (the block's own nonlinearity still activates the time embedding). conv2's bias is added by the
+    shortcut, with its own: in the epilogue of its GEMM (ops/pointwise.py) or in cuDNN's one bias pass. A
+    convolution that something wraps (LoRA, a hook) runs whole, as diffusers runs it."""
+    hidden_states = self.norm1(input_tensor)
     channel_add = None
+    if runs_bare(self.conv1) and self.conv1.bias is not None:
+        hidden_states = self.conv1._conv_forward(hidden_states, self.conv1.weight, None)
+        channel_add = self.conv1.bias.expand(hidden_states.shape[0], -1)
+    else:
+        hidden_states = self.conv1(hidden_states)
     if self.time_emb_proj is not None and temb is not None:
         if not self.skip_time_act:
             temb = self.nonlinearity(temb)
-        channel_add = self.time_emb_proj(temb)  # (B, C): diffusers adds it as [:, :, None, None]
+        temb = self.time_emb_proj(temb)  # (B, C): diffusers adds it as [:, :, None, None]
+        channel_add = temb if channel_add is None else temb + channel_add
     elif temb is not None and self.time_embedding_norm == "default":
         hidden_states = hidden_states + temb
-    hidden_states = self.conv2(self.dropout(self.norm2(hidden_states, channel_add)))
-    if self.conv_shortcut is not None:
-        input_tensor = self.conv_shortcut(input_tensor)
-    output = input_tensor + hidden_states
+    hidden_states = self.dropout(self.norm2(hidden_states, channel_add))
+    shortcut, conv2 = self.conv_shortcut, self.conv2
+    if shortcut is not None and runs_bare(shortcut) and runs_bare(conv2) and None not in (shortcut.bias, conv2.bias):
+        output = shortcut._conv_forward(input_tensor, shortcut.weight, shortcut.bias + conv2.bias)
+        output += conv2._conv_forward(hidden_states, conv2.weight, None)
+    else:
+        output = (input_tensor if shortcut is None else shortcut(input_tensor)) + conv2(hidden_states)
     # SD's blocks scale by 1: x / 1.0 is x exactly, and skipping it saves a pass over the block's output
     return output if self.output_scale_factor == 1 else output / self.output_scale_factor
 
