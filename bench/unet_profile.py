@@ -6,13 +6,16 @@ installs, the time embedding and conv1's bias added as the second norm of each R
 by the shortcut; --time-add-apart adds the time embedding in a pass of its own first, as diffusers does;
 --biases-apart leaves each convolution its own bias pass, as before the eleventh session); with --nhwc-outputs,
 the transformers' output step without the copy to NCHW that --channels-last installs, and with --pointwise-gemms its
-1x1 convolutions as GEMMs with the bias in the epilogue, which only change the `cl` cases; with --compile, the named blocks compiled by
+1x1 convolutions as GEMMs with the bias in the epilogue, which only change the `cl` cases; with
+--packed-projections, each attention's q, k, v (k, v in cross-attention) projected by one GEMM, as sdrun's
+--xformers lays them out once the model is on the GPU; with --compile, the named blocks compiled by
 torch.compile, regional compilation as diffusers' compile_repeated_blocks does it). For each case: the replayed
 forward in ms (CUDA events, median of 20) and the profiler's GPU time per kernel kind for one eager forward. Kernel kinds are read from the kernel names
 (cuDNN's and CUTLASS's convolutions, layout transposes, GroupNorm's kernels, GEMMs, attention, elementwise).
 
     python bench/unet_profile.py [--cases 512x2,512x2cl,512x32cl,1024x2] [--xformers] [--fused-norms] [--fused-geglu]
-                                 [--nhwc-outputs] [--pointwise-gemms] [--time-add-apart] [--biases-apart]
+                                 [--nhwc-outputs] [--pointwise-gemms] [--packed-projections]
+                                 [--time-add-apart] [--biases-apart]
                                  [--compile BasicTransformerBlock,ResnetBlock2D] [--cudnn-benchmark] [--top N]
 """
 
@@ -99,6 +102,7 @@ def main() -> None:
     parser.add_argument("--time-add-apart", action="store_true")
     parser.add_argument("--biases-apart", action="store_true")
     parser.add_argument("--pointwise-gemms", action="store_true")
+    parser.add_argument("--packed-projections", action="store_true")
     parser.add_argument("--compile", help="comma-separated block classes to compile one by one (torch.compile)")
     parser.add_argument("--top", type=int, default=0, help="also list the N costliest kernels of each case")
     parser.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN time its algorithms per shape")
@@ -135,13 +139,19 @@ def main() -> None:
         from sdrun.ops.pointwise import install_pointwise_convs
 
         install_pointwise_convs(unet)
+    if args.packed_projections:
+        from sdrun.ops.processor import pack_projections
+
+        pack_projections(unet)
     if args.compile:
         blocks = args.compile.split(",")
         compiled = [m.compile(fullgraph=True) or m for m in unet.modules() if type(m).__name__ in blocks]
         assert compiled, f"no block of the classes {blocks}"
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, xformers={args.xformers}, "
           f"fused norms={args.fused_norms} (time add apart: {args.time_add_apart}, biases apart: {args.biases_apart}), "
-          f"fused GEGLU={args.fused_geglu}, NHWC outputs={args.nhwc_outputs}, pointwise GEMMs={args.pointwise_gemms}, compiled blocks={args.compile}, cuDNN benchmark={args.cudnn_benchmark}")
+          f"fused GEGLU={args.fused_geglu}, NHWC outputs={args.nhwc_outputs}, pointwise GEMMs={args.pointwise_gemms}, "
+          f"packed projections={args.packed_projections}, compiled blocks={args.compile}, "
+          f"cuDNN benchmark={args.cudnn_benchmark}")
     rows = []
     for case in args.cases.split(","):
         size, rest = case.split("x")

@@ -221,6 +221,10 @@ def load(run: RunConfig, reporter, setup: RunSetup) -> Engine:
 
                 reporter.note(stream_unet_partly(pipe.unet, device, setup.unet_resident_gib))
             pipe.to(device)
+            for backend in chosen:
+                note = backend.placed(pipe)
+                if note:
+                    reporter.note(note)
     pipe.set_progress_bar_config(disable=True)
     name = source.path.name if source.path is not None else run.model
     return Engine(pipe, device, tuple(b.name for b in chosen), _recorded_path(run.model, source.path), name,

@@ -4,7 +4,9 @@ A backend declares what it needs (`needs_cuda`, `conflicts`) and says why it can
 (`unavailable_reasons`), so the CLI can refuse a flag before any model is loaded and `sdrun info` can show the same
 sentences. It declares which stages' memory it lowers (`lowers`), which the render planner and the out-of-memory
 advice read, and its own options (`--tile-size` for `--vae-tiling`). `prepare` runs before the model loads (for
-work that can fail, such as building a kernel); `apply` runs after, on the loaded pipeline.
+work that can fail, such as building a kernel); `apply` runs after, on the loaded pipeline; `placed` runs once
+the weights are on the device where they stay (not under the offloads, which move them), for work that needs the
+weights' final memory.
 
 No torch import at module level: the CLI builds its options from these before torch loads.
 """
@@ -41,6 +43,7 @@ class Backend:
     help: str  # for `sdrun run --help`: what it does, what it saves, what it costs
     apply: Callable = _nothing  # apply(pipe, device) -> optional one-line note for the user
     prepare: Callable = _nothing  # prepare(device), before the model loads; raises SdrunError when it fails
+    placed: Callable = _nothing  # placed(pipe), after pipe.to(device) -> optional one-line note for the user
     needs_cuda: bool = False
     conflicts: tuple[str, ...] = ()  # other backend names it cannot be combined with
     places_pipeline: bool = False  # it moves the model to the device itself (offload), instead of pipe.to(device)

@@ -4,7 +4,9 @@
 `memory_efficient_attention`; `SdrunIPAdapterAttnProcessor` is its `IPAdapterAttnProcessor2_0.__call__` the same
 way: the text attention and each IP-Adapter's image attention are separate kernel calls, added as diffusers adds
 them (two separately normalised softmaxes: one call over the concatenated keys would not be the same sum). q, k, v
-stay in the (batch, tokens, heads, head_dim) layout the projections produce, so no transposes are needed.
+stay in the (batch, tokens, heads, head_dim) layout the projections produce, so no transposes are needed. Where
+`pack_projections` laid a module's projection weights side by side, q, k and v (or k and v of a cross-attention)
+come from one GEMM, as strided views of its result.
 
 Order does not matter: `install` turns every processor it knows into sdrun's (an IP-Adapter's keeps its trained
 modules, the same parameters), and records itself on the pipeline so that `reinstall` can run it again after
@@ -17,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from diffusers.models.attention_processor import (
     Attention,
     IPAdapterAttnProcessor,
@@ -54,13 +57,18 @@ def _attention_block(attn, hidden_states, encoder_hidden_states, temb, compute_d
     if attn.group_norm is not None:
         hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
-    query = attn.to_q(hidden_states)
-    if encoder_hidden_states is None:
+    self_attention = encoder_hidden_states is None
+    if self_attention:
         encoder_hidden_states = hidden_states
     elif attn.norm_cross:
         encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-    key = attn.to_k(encoder_hidden_states)
-    value = attn.to_v(encoder_hidden_states)
+    layers = (attn.to_q, attn.to_k, attn.to_v) if self_attention else (attn.to_k, attn.to_v)
+    packed = packed_weight(layers)
+    if packed is None:
+        query, key, value = attn.to_q(hidden_states), attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+    else:  # one GEMM; its outputs are strided views of its result, which the kernel reads as they are
+        projected = F.linear(encoder_hidden_states, packed).split([layer.out_features for layer in layers], dim=-1)
+        query, key, value = projected if self_attention else (attn.to_q(hidden_states), *projected)
 
     head_dim = key.shape[-1] // attn.heads
     # (batch, tokens, heads, head_dim): the kernel's layout, a view of the projections' output
@@ -207,6 +215,52 @@ def _unsupported(mod, current) -> str | None:
     if mod.norm_q is not None or mod.norm_k is not None:  # diffusers' IP-Adapter processor does not apply them
         return "it is an IP-Adapter module with query/key norms"
     return None
+
+
+def pack_projections(model: torch.nn.Module) -> int:
+    """Lay the input projections' weights of each attention module of `model` side by side in one tensor (to_q,
+    to_k and to_v of a self-attention, to_k and to_v of a cross-attention), each layer's weight a view of it, so
+    that `packed_weight` finds them and the processor projects with one GEMM instead of three or two. No memory is
+    added: the layers' own tensors are freed. Run once the weights are where they stay (pipeline.load after
+    placement): a later move, LoRA merge or fp8 cast gives a layer a tensor of its own, and the processor then
+    projects layer by layer, as before. Returns how many modules it packed."""
+    packed = 0
+    for module in model.modules():
+        if not isinstance(module, Attention):
+            continue
+        layers = (module.to_k, module.to_v) if module.is_cross_attention else (module.to_q, module.to_k, module.to_v)
+        if not all(_bare_linear(layer) and layer.bias is None for layer in layers) \
+                or len({(layer.in_features, layer.weight.dtype, layer.weight.device) for layer in layers}) != 1:
+            continue
+        weights = torch.cat([layer.weight.detach() for layer in layers])
+        start = 0
+        for layer in layers:
+            layer.weight.data = weights[start:start + layer.out_features]
+            start += layer.out_features
+        packed += 1
+    return packed
+
+
+def packed_weight(layers) -> torch.Tensor | None:
+    """The weights of `layers` as one (sum of their outputs, inputs) tensor when they lie side by side in one
+    storage, as `pack_projections` lays them, and every layer runs bare (no bias, hook or LoRA); else None."""
+    first = layers[0].weight
+    storage, inputs, rows = first.untyped_storage().data_ptr(), first.shape[1], 0
+    for layer in layers:
+        weight = layer.weight
+        if not _bare_linear(layer) or layer.bias is not None or not weight.is_contiguous() \
+                or weight.shape[1] != inputs or weight.dtype != first.dtype \
+                or weight.untyped_storage().data_ptr() != storage \
+                or weight.storage_offset() != first.storage_offset() + rows * inputs:
+            return None
+        rows += weight.shape[0]
+    return first.as_strided((rows, inputs), (inputs, 1))
+
+
+def _bare_linear(layer) -> bool:
+    """A plain nn.Linear that nothing wraps (a PEFT LoRA layer is not one) and no hook runs around (offload, fp8)."""
+    return type(layer) is torch.nn.Linear and "forward" not in vars(layer) and not layer._forward_hooks \
+        and not layer._forward_pre_hooks
 
 
 def reinstall(pipe) -> None:
