@@ -12,8 +12,9 @@ first: a ResNet block's time embedding, which the kernel adds as it reads x, so 
 `install_fused_norms(model)` puts it on every GroupNorm of the UNet or the VAE: each ResNet block's two norms run
 fused with their SiLU, the second also adding the time embedding and the bias of the convolution before it (the
 block's forward is diffusers' default one with those changes, and only blocks of that shape are changed), each
-transformer's or attention's input norm runs plain, and an output norm runs fused with the SiLU after it. Under a TorchFunctionMode the norms call PyTorch's
-`F.group_norm`, which the mode sees: the tiled VAE's shared statistics work that way (render/shared_norm_tiles.py).
+transformer's or attention's input norm runs plain, and an output norm runs fused with the SiLU after it. Under
+a TorchFunctionMode the norms call PyTorch's `F.group_norm`, which the mode sees: the tiled VAE's shared statistics
+work that way (render/shared_norm_tiles.py).
 """
 
 from __future__ import annotations
