@@ -20,7 +20,8 @@ from setuptools import find_packages, setup
 ROOT = Path(__file__).resolve().parent
 VERSION = re.search(r'^__version__\s*=\s*"([^"]+)"', (ROOT / "sdrun" / "__init__.py").read_text(), re.M).group(1)
 DEFAULT_ARCHS = "7.5;8.0;8.6;8.9;9.0a;12.0;9.0+PTX"
-SOURCES = ["csrc/bindings.cpp", "csrc/mem_eff_attn.cu", "csrc/fp8_widen.cu", "csrc/group_norm.cu", "csrc/geglu.cu"]
+SOURCES = ["csrc/bindings.cpp", "csrc/mem_eff_attn.cu", "csrc/fp8_widen.cu", "csrc/group_norm.cu", "csrc/geglu.cu",
+           "csrc/layer_norm.cu"]
 
 
 def cuda_build_or_reason():

@@ -5,17 +5,19 @@ GroupNorm + SiLU with --fused-norms, its one-pass GEGLU with --fused-geglu: toge
 installs, the time embedding and conv1's bias added as the second norm of each ResNet block reads, conv2's bias
 by the shortcut; --time-add-apart adds the time embedding in a pass of its own first, as diffusers does;
 --biases-apart leaves each convolution its own bias pass, as before the eleventh session); with --nhwc-outputs,
-the transformers' output step without the copy to NCHW that --channels-last installs, and with --pointwise-gemms its
-1x1 convolutions as GEMMs with the bias in the epilogue, which only change the `cl` cases; with
+the transformers' output step without the copy to NCHW that --channels-last installs, and with --pointwise-gemms
+its 1x1 convolutions as GEMMs with the bias in the epilogue, which only change the `cl` cases; with
 --packed-projections, each attention's q, k, v (k, v in cross-attention) projected by one GEMM, as sdrun's
---xformers lays them out once the model is on the GPU; with --compile, the named blocks compiled by
-torch.compile, regional compilation as diffusers' compile_repeated_blocks does it). For each case: the replayed
-forward in ms (CUDA events, median of 20) and the profiler's GPU time per kernel kind for one eager forward. Kernel kinds are read from the kernel names
-(cuDNN's and CUTLASS's convolutions, layout transposes, GroupNorm's kernels, GEMMs, attention, elementwise).
+--xformers lays them out once the model is on the GPU; with --fused-layer-norms, each transformer block's
+LayerNorms on sdrun's kernel, the residual additions before them in the same pass; with --compile, the named
+blocks compiled by torch.compile, regional compilation as diffusers' compile_repeated_blocks does it). For each
+case: the replayed forward in ms (CUDA events, median of 20) and the profiler's GPU time per kernel kind for one
+eager forward. Kernel kinds are read from the kernel names (cuDNN's and CUTLASS's convolutions, layout
+transposes, GroupNorm's kernels, GEMMs, attention, elementwise).
 
     python bench/unet_profile.py [--cases 512x2,512x2cl,512x32cl,1024x2] [--xformers] [--fused-norms] [--fused-geglu]
                                  [--nhwc-outputs] [--pointwise-gemms] [--packed-projections]
-                                 [--time-add-apart] [--biases-apart]
+                                 [--fused-layer-norms] [--time-add-apart] [--biases-apart]
                                  [--compile BasicTransformerBlock,ResnetBlock2D] [--cudnn-benchmark] [--top N]
 """
 
@@ -103,6 +105,7 @@ def main() -> None:
     parser.add_argument("--biases-apart", action="store_true")
     parser.add_argument("--pointwise-gemms", action="store_true")
     parser.add_argument("--packed-projections", action="store_true")
+    parser.add_argument("--fused-layer-norms", action="store_true")
     parser.add_argument("--compile", help="comma-separated block classes to compile one by one (torch.compile)")
     parser.add_argument("--top", type=int, default=0, help="also list the N costliest kernels of each case")
     parser.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN time its algorithms per shape")
@@ -112,7 +115,7 @@ def main() -> None:
     with torch.device("cuda"):
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(models.CONFIGS / "sd1" / "unet"))
     unet = unet.half().eval()
-    if args.xformers or args.fused_norms or args.fused_geglu:
+    if args.xformers or args.fused_norms or args.fused_geglu or args.fused_layer_norms:
         from sdrun import ops
         from sdrun.ops.feed_forward import install_fused_geglu
         from sdrun.ops.norms import install_fused_norms
@@ -131,6 +134,10 @@ def main() -> None:
                     conv.register_forward_pre_hook(lambda *args: None)
         if args.fused_geglu:
             install_fused_geglu(unet)
+        if args.fused_layer_norms:
+            from sdrun.ops.layer_norms import install_fused_layer_norms
+
+            install_fused_layer_norms(unet)
     if args.nhwc_outputs:
         from sdrun.backends.channels_last import install_transformer_outputs
 
@@ -150,8 +157,8 @@ def main() -> None:
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, xformers={args.xformers}, "
           f"fused norms={args.fused_norms} (time add apart: {args.time_add_apart}, biases apart: {args.biases_apart}), "
           f"fused GEGLU={args.fused_geglu}, NHWC outputs={args.nhwc_outputs}, pointwise GEMMs={args.pointwise_gemms}, "
-          f"packed projections={args.packed_projections}, compiled blocks={args.compile}, "
-          f"cuDNN benchmark={args.cudnn_benchmark}")
+          f"packed projections={args.packed_projections}, fused layer norms={args.fused_layer_norms}, "
+          f"compiled blocks={args.compile}, cuDNN benchmark={args.cudnn_benchmark}")
     rows = []
     for case in args.cases.split(","):
         size, rest = case.split("x")

@@ -1,7 +1,7 @@
 // The only torch-facing C++ of sdrun: checks inputs, fills the kernels' plain parameter structs (MemEffAttnParams,
-// Fp8WidenParams, GroupNormParams, GegluParams), launches on the current stream. Built by setup.py (extension
-// sdrun._C) or just in time by sdrun/ops/_ext.py, together with mem_eff_attn.cu, fp8_widen.cu, group_norm.cu and
-// geglu.cu.
+// Fp8WidenParams, GroupNormParams, GegluParams, LayerNormParams), launches on the current stream. Built by setup.py
+// (extension sdrun._C) or just in time by sdrun/ops/_ext.py, together with mem_eff_attn.cu, fp8_widen.cu,
+// group_norm.cu, geglu.cu and layer_norm.cu.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -13,6 +13,7 @@
 #include "fp8_widen.h"
 #include "geglu.h"
 #include "group_norm.h"
+#include "layer_norm.h"
 #include "mem_eff_attn.h"
 
 // Messages are built with std::string and passed as one const char*: streaming numbers through TORCH_CHECK's
@@ -202,6 +203,55 @@ at::Tensor geglu(at::Tensor x) {
     return y;
 }
 
+// x: (..., width), contiguous, float16, bfloat16 or float32; weight and bias: (width,) in x's dtype, or absent;
+// residual: x's shape and dtype, contiguous, or absent. Returns [LayerNorm(x)] or, with a residual,
+// [LayerNorm(s), s] for s = x + residual (rounded to the dtype), each like x.
+std::vector<at::Tensor> layer_norm(at::Tensor x, std::optional<at::Tensor> weight, std::optional<at::Tensor> bias,
+                                   double eps, std::optional<at::Tensor> residual) {
+    CHECK_DEVICE(x);
+    CHECK_MSG(x.dim() >= 1, "x must have at least one dimension");
+    const auto dtype = x.scalar_type();
+    TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat,
+                "x must be float16, bfloat16 or float32");
+    TORCH_CHECK(x.is_contiguous(), "x must be contiguous");
+    const int64_t width = x.size(-1), per_vector = dtype == at::kFloat ? 4 : 8;  // the kernel reads 16-byte vectors
+    CHECK_MSG(width > 0 && width % per_vector == 0 && width / per_vector <= kLayerNormMaxVectors,
+              "x's last dimension must be a positive multiple of " + str(per_vector) + " up to " +
+                  str(per_vector * kLayerNormMaxVectors) + " for this dtype, got " + str(width));
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "x must be 16-byte aligned");
+    CHECK_MSG(std::isfinite(eps) && eps > 0, "eps must be a positive finite number, got " + std::to_string(eps));
+    for (const auto *param : {&weight, &bias}) {
+        if (!param->has_value()) continue;
+        const at::Tensor &t = param->value();
+        CHECK_DEVICE(t);
+        TORCH_CHECK(t.device() == x.device(), "weight and bias must be on x's device");
+        CHECK_SHAPE(t, width);
+        TORCH_CHECK(t.is_contiguous() && t.scalar_type() == dtype, "weight and bias must be contiguous, in x's dtype");
+        TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "weight and bias must be 16-byte aligned");
+    }
+    if (residual.has_value()) {
+        const at::Tensor &r = residual.value();
+        CHECK_DEVICE(r);
+        TORCH_CHECK(r.device() == x.device(), "residual must be on x's device");
+        CHECK_MSG(r.sizes() == x.sizes(), "residual must have x's shape " + str(x.sizes()) + ", got " + str(r.sizes()));
+        TORCH_CHECK(r.is_contiguous() && r.scalar_type() == dtype, "residual must be contiguous, in x's dtype");
+        TORCH_CHECK(reinterpret_cast<uintptr_t>(r.data_ptr()) % 16 == 0, "residual must be 16-byte aligned");
+    }
+    at::cuda::CUDAGuard device_guard{x.device()};
+    std::vector<at::Tensor> out{at::empty_like(x)};
+    if (residual.has_value()) out.push_back(at::empty_like(x));
+    LayerNormParams p{};
+    p.x = x.data_ptr(); p.y = out[0].data_ptr();
+    p.residual = residual.has_value() ? residual->data_ptr() : nullptr;
+    p.sum = residual.has_value() ? out[1].data_ptr() : nullptr;
+    p.weight = weight.has_value() ? weight->data_ptr() : nullptr;
+    p.bias = bias.has_value() ? bias->data_ptr() : nullptr;
+    p.rows = x.numel() / width; p.width = int(width); p.eps = float(eps);
+    p.dtype = dtype == at::kHalf ? LnDtype::kHalf : dtype == at::kBFloat16 ? LnDtype::kBFloat16 : LnDtype::kFloat;
+    C10_CUDA_CHECK(layer_norm_fwd(p, at::cuda::getCurrentCUDAStream()));  // launch errors; never synchronizes
+    return out;
+}
+
 // Ops live in the dispatcher (torch.ops.sdrun_C.*): torch translates their errors into Python exceptions itself.
 at::Tensor fwd(at::Tensor q, at::Tensor k, at::Tensor v, double scale, int64_t variant) {
     return mem_eff_attn_fwd_torch(q, k, v, scale, std::nullopt, variant);
@@ -234,6 +284,7 @@ TORCH_LIBRARY(sdrun_C, m) {
     m.def("group_norm(Tensor x, int groups, Tensor? weight, Tensor? bias, float eps, bool silu, "
           "Tensor? channel_add=None) -> Tensor");
     m.def("geglu(Tensor x) -> Tensor");
+    m.def("layer_norm(Tensor x, Tensor? weight, Tensor? bias, float eps, Tensor? residual=None) -> Tensor[]");
 }
 TORCH_LIBRARY_IMPL(sdrun_C, CUDA, m) {
     m.impl("fwd", &fwd);
@@ -241,6 +292,7 @@ TORCH_LIBRARY_IMPL(sdrun_C, CUDA, m) {
     m.impl("widen_fp8", &widen_fp8);
     m.impl("group_norm", &group_norm);
     m.impl("geglu", &geglu);
+    m.impl("layer_norm", &layer_norm);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {}  // importing the module registers the ops above

@@ -2,7 +2,7 @@
 
 bindings.cpp is left out (it needs torch's CUDA headers); mem_eff_attn.cu holds every attention kernel
 instantiation, fp8_widen.cu the fp8 widening kernel, group_norm.cu the GroupNorm (+ SiLU) kernels, geglu.cu GEGLU's
-gate. One nvcc call a file with all -gencode targets and -t (parallel targets): about 2 minutes on a 2-core machine.
+gate, layer_norm.cu the LayerNorm (+ residual addition). One nvcc call a file with all -gencode targets and -t (parallel targets): about 2 minutes on a 2-core machine.
 """
 
 import os
@@ -19,7 +19,8 @@ nvcc = shutil.which("nvcc")
 
 
 @pytest.mark.skipif(nvcc is None, reason="nvcc is not on PATH")
-@pytest.mark.parametrize("source", ["mem_eff_attn.cu", "fp8_widen.cu", "group_norm.cu", "geglu.cu"])
+@pytest.mark.parametrize("source", ["mem_eff_attn.cu", "fp8_widen.cu", "group_norm.cu", "geglu.cu",
+                                    "layer_norm.cu"])
 def test_kernel_sources_compile_for_all_archs(tmp_path, source):
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS] + ["-gencode=arch=compute_90,code=compute_90",
                                                                                 "-DSDRUN_SM90A"]
@@ -34,6 +35,6 @@ def test_kernel_sources_compile_for_all_archs(tmp_path, source):
 def test_kernel_files_include_no_torch_headers():
     for name in ("mem_eff_attn.h", "mem_eff_attn_kernel.cuh", "mem_eff_attn_sm90.cuh", "mem_eff_attn_sm90_ptx.cuh",
                  "mem_eff_attn.cu", "static_switch.h", "fp8_widen.h", "fp8_widen.cu", "group_norm.h", "group_norm.cu",
-                 "vec16.cuh", "geglu.h", "geglu.cu"):
+                 "vec16.cuh", "geglu.h", "geglu.cu", "layer_norm.h", "layer_norm.cu"):
         includes = [line for line in (ROOT / "csrc" / name).read_text().splitlines() if line.startswith("#include")]
         assert not any(s in line for line in includes for s in ("torch", "ATen", "c10")), (name, includes)

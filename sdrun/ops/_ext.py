@@ -22,7 +22,7 @@ from sdrun import cache
 from sdrun.errors import KernelUnavailable
 
 JIT_NAME = "sdrun_attn_C"
-SOURCES = ("bindings.cpp", "mem_eff_attn.cu", "fp8_widen.cu", "group_norm.cu", "geglu.cu")
+SOURCES = ("bindings.cpp", "mem_eff_attn.cu", "fp8_widen.cu", "group_norm.cu", "geglu.cu", "layer_norm.cu")
 JIT_SECONDS = 40  # measured: ~30 s for one architecture on a 16-core H200 machine (bench/gpu.sh)
 CFLAGS = ["-O3"]  # no -std: torch picks the C++ standard its headers need
 CUDA_CFLAGS = ["-O3", "-lineinfo"]
@@ -144,8 +144,9 @@ def _jit_build(device: torch.device | None):
 
 class _Ops:
     """The kernels' entry points: fwd(q, k, v, scale, variant=0), fwd_out(q, k, v, scale, out, variant=0),
-    bucket(head_dim), widen_fp8(src, dtype), group_norm(x, groups, weight, bias, eps, silu, channel_add=None) and
-    geglu(x): the last three None in a prebuilt extension from before they existed."""
+    bucket(head_dim), widen_fp8(src, dtype), group_norm(x, groups, weight, bias, eps, silu, channel_add=None),
+    geglu(x) and layer_norm(x, weight, bias, eps, residual=None): the last four None in a prebuilt extension from
+    before they existed."""
 
     def __init__(self, module):
         self.module = module
@@ -155,6 +156,7 @@ class _Ops:
         self.widen_fp8 = getattr(torch.ops.sdrun_C, "widen_fp8", None)
         self.group_norm = getattr(torch.ops.sdrun_C, "group_norm", None)
         self.geglu = getattr(torch.ops.sdrun_C, "geglu", None)
+        self.layer_norm = getattr(torch.ops.sdrun_C, "layer_norm", None)
 
 
 def get(device: torch.device | None = None) -> _Ops:
