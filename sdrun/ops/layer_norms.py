@@ -10,6 +10,11 @@ otherwise, so the models run anywhere. `install_fused_layer_norms(unet)` gives e
 shape (diffusers' BasicTransformerBlock with plain LayerNorms: SD 1.x, 2.x and SDXL) a forward whose residual
 additions after self-attention and cross-attention happen in the LayerNorm that follows each: the sum is written
 once and never read back for the norm. The feed-forward's addition has no norm after it and stays PyTorch's.
+
+Not installed by --xformers yet: the kernel was written in a session without a GPU (the eleventh), so it has been
+compiled for every architecture but neither run nor timed. `bench/layer_norm.py`, `bench/unet_profile.py
+--fused-layer-norms` and tests/test_layer_norm_op.py's GPU tests are what decide whether `backends/xformers.py`
+installs it.
 """
 
 from __future__ import annotations
