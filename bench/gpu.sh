@@ -3,12 +3,15 @@
 # attention benchmark (ATTENTION=0 skips it), the end-to-end flags benchmark (FLAGS=1 runs it) and the 4K render
 # benchmark (RENDER=1), the end-to-end benchmark (E2E=1, E2E_ARGS) and the memory benchmark (MEMORY=1,
 # MEMORY_ARGS, and MEMORY_ONLY: row labels, which hold spaces, for its --only), the GroupNorm kernel's benchmark and
-# the UNet's profile without and with sdrun's kernels (NORMS=1); with AOT=1 also build the extension ahead of time
-# through setup.py (sm_90a only) and check it loads as prebuilt.
+# the UNet's profile without and with sdrun's kernels (NORMS=1), the fusions of the eleventh session measured one by
+# one (FUSIONS=1: the LayerNorm kernel, the UNet forward with each convolution's bias in a pass of its own, as
+# --xformers --channels-last runs it now, with packed projections, with the fused LayerNorms; the VAE decode); with
+# AOT=1 also build the extension ahead of time through setup.py (sm_90a only) and check it loads as prebuilt.
 # Usage on the device machine:
 #   [SDRUN_TUNE=1 VARIANTS=0,1,2 BENCH_ARGS=--check] bash bench/gpu.sh [pytest args, default: the kernel tests]
 #   ATTENTION=0 FLAGS=1 bash bench/gpu.sh -m cuda tests/       # every GPU test, then bench/flags.py
 #   ATTENTION=0 RENDER=1 bash bench/gpu.sh tests/test_gpu_render.py tests/test_gpu_pipeline.py   # the render engine
+#   ATTENTION=0 FUSIONS=1 bash bench/gpu.sh tests/test_layer_norm_op.py tests/test_pointwise.py
 set -o pipefail
 export PYTHONUNBUFFERED=1 SDRUN_CACHE=${SDRUN_CACHE:-/tmp/sdrun-cache}
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
@@ -45,6 +48,15 @@ if [ "${NORMS:-0}" = 1 ]; then
   for kernels in "" "--xformers --fused-norms --fused-geglu --nhwc-outputs"; do
     python3 bench/unet_profile.py $kernels 2>&1 | grep -v '^\[transformers\]' | tee -a $OUT/unet_profile.log
   done
+fi
+if [ "${FUSIONS:-0}" = 1 ]; then
+  python3 bench/layer_norm.py 2>&1 | tee $OUT/layer_norm.log
+  base="--xformers --fused-norms --fused-geglu --nhwc-outputs"
+  for added in "--biases-apart" "--pointwise-gemms" "--pointwise-gemms --packed-projections" \
+               "--pointwise-gemms --packed-projections --fused-layer-norms --top 30"; do
+    python3 bench/unet_profile.py $base $added --cases 512x2cl,1024x2cl 2>&1 | grep -v Warning | tee -a $OUT/fusions.log
+  done
+  python3 bench/vae_profile.py 2>&1 | grep -v Warning | tee $OUT/vae_profile.log
 fi
 if [ "${AOT:-0}" = 1 ]; then
   ( time SDRUN_CUDA_ARCHS=9.0a NVCC_THREADS=4 python3 setup.py -q build_ext --inplace ) > $OUT/aot.log 2>&1 || tail -20 $OUT/aot.log
