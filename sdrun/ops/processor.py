@@ -222,8 +222,9 @@ def pack_projections(model: torch.nn.Module) -> int:
     to_k and to_v of a self-attention, to_k and to_v of a cross-attention), each layer's weight a view of it, so
     that `packed_weight` finds them and the processor projects with one GEMM instead of three or two. No memory is
     added: the layers' own tensors are freed. Run once the weights are where they stay (pipeline.load after
-    placement): a later move, LoRA merge or fp8 cast gives a layer a tensor of its own, and the processor then
-    projects layer by layer, as before. Returns how many modules it packed."""
+    placement): a later move or fp8 cast gives a layer a tensor of its own, and the processor then projects layer
+    by layer, as before (a LoRA merged in place changes the packed tensor itself). Returns how many modules it
+    packed."""
     packed = 0
     for module in model.modules():
         if not isinstance(module, Attention):
