@@ -7,8 +7,9 @@ by the shortcut; --time-add-apart adds the time embedding in a pass of its own f
 --biases-apart leaves each convolution its own bias pass, as before the eleventh session); with --nhwc-outputs,
 the transformers' output step without the copy to NCHW that --channels-last installs, and with --pointwise-gemms
 its 1x1 convolutions as GEMMs with the bias in the epilogue, which only change the `cl` cases; with
---packed-projections, each attention's q, k, v (k, v in cross-attention) projected by one GEMM, as sdrun's
---xformers lays them out once the model is on the GPU; with --fused-layer-norms, each transformer block's
+--packed-projections, each attention's q, k, v (k, v in cross-attention) projected by one GEMM, and with
+--fused-norms every ResNet block's time embedding by one GEMM, as sdrun's --xformers lays them out once the model
+is on the GPU; with --fused-layer-norms, each transformer block's
 LayerNorms on sdrun's kernel, the residual additions before them in the same pass; with --compile, the named
 blocks compiled by torch.compile, regional compilation as diffusers' compile_repeated_blocks does it). For each
 case: the replayed forward in ms (CUDA events, median of 20) and the profiler's GPU time per kernel kind for one
@@ -147,9 +148,11 @@ def main() -> None:
 
         install_pointwise_convs(unet)
     if args.packed_projections:
+        from sdrun.ops.norms import pack_time_projections
         from sdrun.ops.processor import pack_projections
 
         pack_projections(unet)
+        pack_time_projections(unet)  # with --fused-norms: the ResNet blocks' time projections
     if args.compile:
         blocks = args.compile.split(",")
         compiled = [m.compile(fullgraph=True) or m for m in unet.modules() if type(m).__name__ in blocks]

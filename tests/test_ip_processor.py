@@ -128,35 +128,3 @@ def test_info_says_which_attention_runs_on_the_kernel(sdrun):
     assert ("kernel group norm every GroupNorm of the UNet and the VAE: a ResNet block's two and the output norms "
             "fused") in text
 
-
-def test_packed_projections_are_one_gemm_with_the_same_result(reference_kernel, monkeypatch):
-    """pack_projections lays q, k, v (k, v of a cross-attention) side by side: the processor projects with one GEMM
-    and computes what it computed layer by layer; a layer given a tensor of its own (a move, a LoRA merge) or a hook
-    takes it back to layer by layer."""
-    from sd_layout import tiny_unet, tiny_unet_inputs
-
-    unet = tiny_unet()
-    sample, context = tiny_unet_inputs(unet, "cpu", torch.float32)
-    unet.set_attn_processor(SdrunAttnProcessor(torch.float32))  # on the CPU, install() would leave them on SDPA
-    modules = [m for m in unet.modules() if isinstance(m, Attention)]
-    gemms = []
-    linear = torch.nn.functional.linear
-    monkeypatch.setattr(torch.nn.functional, "linear", lambda x, w, b=None: gemms.append(w.shape) or linear(x, w, b))
-    with torch.no_grad():
-        expected = unet(sample, 500, context).sample
-        layer_by_layer = len(gemms)
-        keys = set(unet.state_dict())
-        assert processor.pack_projections(unet) == len(modules)
-        gemms.clear()
-        got = unet(sample, 500, context).sample
-        assert len(gemms) == layer_by_layer - sum(1 if m.is_cross_attention else 2 for m in modules)
-        attn = modules[0]
-        assert attn.to_k.weight.untyped_storage().data_ptr() == attn.to_q.weight.untyped_storage().data_ptr()
-        assert set(unet.state_dict()) == keys
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-        attn.to_v.weight.data = attn.to_v.weight.data.clone()  # its own tensor again
-        modules[1].to_k.register_forward_hook(lambda *args: None)
-        gemms.clear()
-        again = unet(sample, 500, context).sample
-    assert len(gemms) == layer_by_layer - sum(1 if m.is_cross_attention else 2 for m in modules[2:])
-    torch.testing.assert_close(again, expected, rtol=1e-5, atol=1e-5)

@@ -5,7 +5,8 @@ conv2's by the shortcut; each stepping aside where something wraps the convoluti
 CPU: the GEMM equals the convolution; the rewired UNet and VAE equal diffusers' within float32 rounding (the biases
 are summed in another order); the GEMM and the moved biases are really used; LoRA layers, hooks and replaced
 forwards keep the convolution whole. GPU (marked `cuda`): the channels-last UNet with every rewiring (and the
-kernel's attention with packed projections) against float32, no further from it than PyTorch's own fp16 UNet.
+kernel's attention, projections packed as --xformers packs them) against float32, no further from it than
+PyTorch's own fp16 UNet.
 """
 
 import pytest
@@ -172,7 +173,8 @@ def test_rewired_fp16_unet_is_as_close_to_float32_as_pytorchs():
         pytorch = unet(sample, 500, context).sample.float()
         rewired(unet)
         processor.install(unet)
-        assert processor.pack_projections(unet) > 0  # q, k, v by one GEMM too, as --xformers runs them
+        assert processor.pack_projections(unet) > 0  # q, k, v by one GEMM too, as --xformers runs them,
+        assert norms.pack_time_projections(unet) > 0  # and the time projections
         got = unet(sample.to(memory_format=torch.channels_last), 500, context).sample.float()
     print("max error against float32: rewired", (got - exact).abs().max().item(), "PyTorch",
           (pytorch - exact).abs().max().item())

@@ -51,10 +51,12 @@ def apply(pipe, _device):
 
 
 def placed(pipe):
+    from sdrun.ops.norms import pack_time_projections
     from sdrun.ops.processor import pack_projections
 
-    packed = pack_projections(pipe.unet)
-    return f"{packed} attention modules project their inputs with one GEMM" if packed else None
+    attention, resnets = pack_projections(pipe.unet), pack_time_projections(pipe.unet)
+    return f"{attention} attention modules project their inputs with one GEMM, {resnets} ResNet blocks their " \
+        "time embedding with one GEMM a step"
 
 
 BACKEND = Backend(

@@ -5,8 +5,8 @@
 way: the text attention and each IP-Adapter's image attention are separate kernel calls, added as diffusers adds
 them (two separately normalised softmaxes: one call over the concatenated keys would not be the same sum). q, k, v
 stay in the (batch, tokens, heads, head_dim) layout the projections produce, so no transposes are needed. Where
-`pack_projections` laid a module's projection weights side by side, q, k and v (or k and v of a cross-attention)
-come from one GEMM, as strided views of its result.
+`pack_projections` laid a module's projections side by side (ops/packing.py), q, k and v (or k and v of a
+cross-attention) come from one GEMM, as strided views of its result.
 
 Order does not matter: `install` turns every processor it knows into sdrun's (an IP-Adapter's keeps its trained
 modules, the same parameters), and records itself on the pipeline so that `reinstall` can run it again after
@@ -29,6 +29,7 @@ from diffusers.models.attention_processor import (
 
 from sdrun.ops import supports
 from sdrun.ops.attention import memory_efficient_attention
+from sdrun.ops.packing import pack_linears, packed
 
 
 def _kernel_attention(query, key, value, scale: float, compute_dtype: torch.dtype) -> torch.Tensor:
@@ -62,12 +63,12 @@ def _attention_block(attn, hidden_states, encoder_hidden_states, temb, compute_d
         encoder_hidden_states = hidden_states
     elif attn.norm_cross:
         encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-    layers = (attn.to_q, attn.to_k, attn.to_v) if self_attention else (attn.to_k, attn.to_v)
-    packed = packed_weight(layers)
-    if packed is None:
+    layers = _projections(attn, not self_attention)
+    views = packed(layers)
+    if views is None:
         query, key, value = attn.to_q(hidden_states), attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
     else:  # one GEMM; its outputs are strided views of its result, which the kernel reads as they are
-        projected = F.linear(encoder_hidden_states, packed).split([layer.out_features for layer in layers], dim=-1)
+        projected = F.linear(encoder_hidden_states, *views).split([layer.out_features for layer in layers], dim=-1)
         query, key, value = projected if self_attention else (attn.to_q(hidden_states), *projected)
 
     head_dim = key.shape[-1] // attn.heads
@@ -218,50 +219,16 @@ def _unsupported(mod, current) -> str | None:
 
 
 def pack_projections(model: torch.nn.Module) -> int:
-    """Lay the input projections' weights of each attention module of `model` side by side in one tensor (to_q,
-    to_k and to_v of a self-attention, to_k and to_v of a cross-attention), each layer's weight a view of it, so
-    that `packed_weight` finds them and the processor projects with one GEMM instead of three or two. No memory is
-    added: the layers' own tensors are freed. Run once the weights are where they stay (pipeline.load after
-    placement): a later move or fp8 cast gives a layer a tensor of its own, and the processor then projects layer
-    by layer, as before (a LoRA merged in place changes the packed tensor itself). Returns how many modules it
-    packed."""
-    packed = 0
-    for module in model.modules():
-        if not isinstance(module, Attention):
-            continue
-        layers = (module.to_k, module.to_v) if module.is_cross_attention else (module.to_q, module.to_k, module.to_v)
-        if not all(_bare_linear(layer) and layer.bias is None for layer in layers) \
-                or len({(layer.in_features, layer.weight.dtype, layer.weight.device) for layer in layers}) != 1:
-            continue
-        weights = torch.cat([layer.weight.detach() for layer in layers])
-        start = 0
-        for layer in layers:
-            layer.weight.data = weights[start:start + layer.out_features]
-            start += layer.out_features
-        packed += 1
-    return packed
+    """Lay the input projections of each attention module of `model` side by side (ops/packing.py): to_q, to_k and
+    to_v of a self-attention, to_k and to_v of a cross-attention, so that the processor projects with one GEMM
+    instead of three or two. Returns how many modules it packed."""
+    modules = [module for module in model.modules() if isinstance(module, Attention)]
+    return sum(pack_linears(_projections(module, module.is_cross_attention)) for module in modules)
 
 
-def packed_weight(layers) -> torch.Tensor | None:
-    """The weights of `layers` as one (sum of their outputs, inputs) tensor when they lie side by side in one
-    storage, as `pack_projections` lays them, and every layer runs bare (no bias, hook or LoRA); else None."""
-    first = layers[0].weight
-    storage, inputs, rows = first.untyped_storage().data_ptr(), first.shape[1], 0
-    for layer in layers:
-        weight = layer.weight
-        if not _bare_linear(layer) or layer.bias is not None or not weight.is_contiguous() \
-                or weight.shape[1] != inputs or weight.dtype != first.dtype \
-                or weight.untyped_storage().data_ptr() != storage \
-                or weight.storage_offset() != first.storage_offset() + rows * inputs:
-            return None
-        rows += weight.shape[0]
-    return first.as_strided((rows, inputs), (inputs, 1))
-
-
-def _bare_linear(layer) -> bool:
-    """A plain nn.Linear that nothing wraps (a PEFT LoRA layer is not one) and no hook runs around (offload, fp8)."""
-    return type(layer) is torch.nn.Linear and "forward" not in vars(layer) and not layer._forward_hooks \
-        and not layer._forward_pre_hooks
+def _projections(attn, cross_attention: bool) -> tuple:
+    """The layers that project the same input: q, k and v of a self-attention; k and v of a cross-attention."""
+    return (attn.to_k, attn.to_v) if cross_attention else (attn.to_q, attn.to_k, attn.to_v)
 
 
 def reinstall(pipe) -> None:
