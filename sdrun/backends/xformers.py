@@ -66,7 +66,8 @@ BACKEND = Backend(
     help="sdrun's own kernels (built for your torch; no xformers package needed): memory-efficient attention, "
     "memory linear in image area like PyTorch's SDPA, on an H100 1.10-1.45x PyTorch's fastest; the UNet's and "
     "the VAE's GroupNorms fused with the SiLU after them (and with the bias of the convolution before them); "
-    "GEGLU's gate in one pass; each attention's q, k and v projected by one GEMM. With --channels-last one "
+    "GEGLU's gate in one pass; each attention's q, k and v, and every ResNet block's time embedding, projected by "
+    "one GEMM. With --channels-last one "
     "UNet step at 512x512 went from 10.65 ms (diffusers' modules) to 7.64 ms on an H100 (three runs), and an image "
     "through the CLI takes 0.41 s against plain diffusers' 1.48 s. First use compiles them (about 30 s).",
     apply=apply,
