@@ -14,6 +14,8 @@ projection by one GEMM a forward).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -52,7 +54,7 @@ def packed(layers) -> tuple[torch.Tensor, torch.Tensor | None] | None:
                 return None
             views.append(None)
             continue
-        row = first[0].numel() if first.dim() == 2 else 1
+        row = math.prod(first.shape[1:])  # elements a row: the input width of a weight, 1 for a bias
         storage, rows = first.untyped_storage().data_ptr(), 0
         for layer in layers:
             tensor = getattr(layer, name)
