@@ -55,6 +55,8 @@ def placed(pipe):
     from sdrun.ops.processor import pack_projections
 
     attention, resnets = pack_projections(pipe.unet), pack_time_projections(pipe.unet)
+    if not attention + resnets:  # every layer wrapped (LoRA) or hooked
+        return None
     return f"{attention} attention modules project their inputs with one GEMM, {resnets} ResNet blocks their " \
         "time embedding with one GEMM a step"
 
