@@ -9,9 +9,9 @@ the transformers' output step without the copy to NCHW that --channels-last inst
 its 1x1 convolutions as GEMMs with the bias in the epilogue, which only change the `cl` cases; with
 --packed-projections, each attention's q, k, v (k, v in cross-attention) projected by one GEMM, and with
 --fused-norms every ResNet block's time embedding by one GEMM, as sdrun's --xformers lays them out once the model
-is on the GPU; with --fused-layer-norms, each transformer block's
-LayerNorms on sdrun's kernel, the residual additions before them in the same pass; with --compile, the named
-blocks compiled by torch.compile, regional compilation as diffusers' compile_repeated_blocks does it). For each
+is on the GPU; with --fused-layer-norms, each transformer block's LayerNorms on sdrun's kernel, the residual
+additions before them in the same pass; with --compile, the named blocks compiled by torch.compile, regional
+compilation as diffusers' compile_repeated_blocks does it). For each
 case: the replayed forward in ms (CUDA events, median of 20) and the profiler's GPU time per kernel kind for one
 eager forward. Kernel kinds are read from the kernel names (cuDNN's and CUTLASS's convolutions, layout
 transposes, GroupNorm's kernels, GEMMs, attention, elementwise).
