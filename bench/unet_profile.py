@@ -11,10 +11,10 @@ its 1x1 convolutions as GEMMs with the bias in the epilogue, which only change t
 --fused-norms every ResNet block's time embedding by one GEMM, as sdrun's --xformers lays them out once the model
 is on the GPU; with --fused-layer-norms, each transformer block's LayerNorms on sdrun's kernel, the residual
 additions before them in the same pass; with --compile, the named blocks compiled by torch.compile, regional
-compilation as diffusers' compile_repeated_blocks does it). For each
-case: the replayed forward in ms (CUDA events, median of 20) and the profiler's GPU time per kernel kind for one
-eager forward. Kernel kinds are read from the kernel names (cuDNN's and CUTLASS's convolutions, layout
-transposes, GroupNorm's kernels, GEMMs, attention, elementwise).
+compilation as diffusers' compile_repeated_blocks does it). For each case: the replayed forward in ms (CUDA
+events, median of 20) and the profiler's GPU time per kernel kind for one eager forward. Kernel kinds are read
+from the kernel names (cuDNN's and CUTLASS's convolutions, layout transposes, GroupNorm's kernels, GEMMs,
+attention, elementwise).
 
     python bench/unet_profile.py [--cases 512x2,512x2cl,512x32cl,1024x2] [--xformers] [--fused-norms] [--fused-geglu]
                                  [--nhwc-outputs] [--pointwise-gemms] [--packed-projections]
