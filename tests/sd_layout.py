@@ -219,3 +219,19 @@ def tiny_unet_inputs(unet, device, dtype):
     sample = torch.randn(2, unet.config.in_channels, 16, 16, generator=generator).to(device, dtype)
     context = torch.randn(2, 77, unet.config.cross_attention_dim, generator=generator).to(device, dtype)
     return sample, context
+
+
+def unet_against_float32(change, device="cuda", channels_last=False):
+    """The tiny UNet in fp16 before and after `change(unet)`, and in float32: (changed, PyTorch's, float32) outputs,
+    all float32, for tests that hold a rewiring's error to the size of PyTorch's own fp16 rounding. With
+    `channels_last` the changed UNet's input is NHWC, as --channels-last hands it."""
+    unet = tiny_unet(device, torch.float16)
+    sample, context = tiny_unet_inputs(unet, device, torch.float16)
+    with torch.no_grad():
+        exact = tiny_unet(device, torch.float32)(sample.float(), 500, context.float()).sample
+        pytorch = unet(sample, 500, context).sample.float()
+        change(unet)
+        if channels_last:
+            sample = sample.to(memory_format=torch.channels_last)
+        changed = unet(sample, 500, context).sample.float()
+    return changed, pytorch, exact

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import sdrun.ops as ops
-from sd_layout import tiny_unet, tiny_unet_inputs
+from sd_layout import tiny_unet, tiny_unet_inputs, unet_against_float32
 from sdrun.ops import feed_forward
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -101,12 +101,6 @@ def test_installed_unet_computes_what_diffusers_geglu_computes():
 @pytest.mark.cuda
 def test_unet_on_the_kernel_matches_float32():
     ops.load()
-    unet = tiny_unet("cuda", torch.float16)
-    sample, context = tiny_unet_inputs(unet, "cuda", torch.float16)
-    with torch.no_grad():
-        pytorch = unet(sample, 500, context).sample.float()
-        feed_forward.install_fused_geglu(unet)
-        kernel = unet(sample, 500, context).sample.float()
-        exact = tiny_unet("cuda", torch.float32)(sample.float(), 500, context.float()).sample
+    kernel, pytorch, exact = unet_against_float32(feed_forward.install_fused_geglu)
     assert not torch.equal(kernel, pytorch)  # the kernel ran (it rounds once where PyTorch rounds twice)
     assert (kernel - exact).abs().max() <= 2 * (pytorch - exact).abs().max() + 5e-3

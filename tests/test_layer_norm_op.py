@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import sdrun.ops as ops
-from sd_layout import tiny_unet, tiny_unet_inputs
+from sd_layout import tiny_unet, tiny_unet_inputs, unet_against_float32
 from sdrun.ops import layer_norms
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -82,13 +82,11 @@ def test_binding_refuses_what_it_cannot_read():
 @pytest.mark.cuda
 def test_unet_with_fused_blocks_is_as_close_to_float32_as_pytorchs():
     ops.load()
-    unet = tiny_unet("cuda", torch.float16)
-    sample, context = tiny_unet_inputs(unet, "cuda", torch.float16)
-    with torch.no_grad():
-        exact = tiny_unet("cuda", torch.float32)(sample.float(), 500, context.float()).sample
-        pytorch = unet(sample, 500, context).sample.float()
+
+    def change(unet):
         assert layer_norms.install_fused_layer_norms(unet) > 0
-        fused = unet(sample, 500, context).sample.float()
+
+    fused, pytorch, exact = unet_against_float32(change)
     print("max error against float32: fused", (fused - exact).abs().max().item(), "PyTorch",
           (pytorch - exact).abs().max().item())
     assert not torch.equal(fused, pytorch)  # the kernel ran

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sd_layout import tiny_unet, tiny_unet_inputs
+from sd_layout import tiny_unet, tiny_unet_inputs, unet_against_float32
 from sdrun.backends.channels_last import install_transformer_outputs
 from sdrun.ops import norms, pointwise, processor
 
@@ -166,16 +166,14 @@ def test_rewired_fp16_unet_is_as_close_to_float32_as_pytorchs():
     import sdrun.ops as ops
 
     ops.load()
-    unet = tiny_unet("cuda", torch.float16)
-    sample, context = tiny_unet_inputs(unet, "cuda", torch.float16)
-    with torch.no_grad():
-        exact = tiny_unet("cuda", torch.float32)(sample.float(), 500, context.float()).sample
-        pytorch = unet(sample, 500, context).sample.float()
+
+    def change(unet):
         rewired(unet)
         processor.install(unet)
         assert processor.pack_projections(unet) > 0  # q, k, v by one GEMM too, as --xformers runs them,
         assert norms.pack_time_projections(unet) > 0  # and the time projections
-        got = unet(sample.to(memory_format=torch.channels_last), 500, context).sample.float()
+
+    got, pytorch, exact = unet_against_float32(change, channels_last=True)
     print("max error against float32: rewired", (got - exact).abs().max().item(), "PyTorch",
           (pytorch - exact).abs().max().item())
     assert (got - exact).abs().max() <= 2 * (pytorch - exact).abs().max() + 5e-3
