@@ -105,6 +105,14 @@ at::Tensor mem_eff_attn_fwd_torch(at::Tensor q, at::Tensor k, at::Tensor v, doub
     return out;
 }
 
+// A norm's weight or bias: on x's device, (size,), contiguous. Each norm checks its dtype rule itself.
+static void check_affine(const at::Tensor &t, const at::Tensor &x, int64_t size) {
+    CHECK_DEVICE(t);
+    TORCH_CHECK(t.device() == x.device(), "weight and bias must be on x's device");
+    CHECK_SHAPE(t, size);
+    TORCH_CHECK(t.is_contiguous(), "weight and bias must be contiguous");
+}
+
 static GnDtype gn_dtype(at::ScalarType t) {
     return t == at::kHalf ? GnDtype::kHalf : t == at::kBFloat16 ? GnDtype::kBFloat16 : GnDtype::kFloat;
 }
@@ -138,10 +146,7 @@ at::Tensor group_norm(at::Tensor x, int64_t groups, std::optional<at::Tensor> we
     for (const auto *param : {&weight, &bias}) {
         if (!param->has_value()) continue;
         const at::Tensor &t = param->value();
-        CHECK_DEVICE(t);
-        TORCH_CHECK(t.device() == x.device(), "weight and bias must be on x's device");
-        CHECK_SHAPE(t, channels);
-        TORCH_CHECK(t.is_contiguous(), "weight and bias must be contiguous");
+        check_affine(t, x, channels);
         TORCH_CHECK(t.scalar_type() == dtype || t.scalar_type() == at::kFloat,
                     "weight and bias must have x's dtype or float32");
         param_dtype = t.scalar_type();
@@ -223,10 +228,8 @@ std::vector<at::Tensor> layer_norm(at::Tensor x, std::optional<at::Tensor> weigh
     for (const auto *param : {&weight, &bias}) {
         if (!param->has_value()) continue;
         const at::Tensor &t = param->value();
-        CHECK_DEVICE(t);
-        TORCH_CHECK(t.device() == x.device(), "weight and bias must be on x's device");
-        CHECK_SHAPE(t, width);
-        TORCH_CHECK(t.is_contiguous() && t.scalar_type() == dtype, "weight and bias must be contiguous, in x's dtype");
+        check_affine(t, x, width);
+        TORCH_CHECK(t.scalar_type() == dtype, "weight and bias must be in x's dtype");
         TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "weight and bias must be 16-byte aligned");
     }
     if (residual.has_value()) {
