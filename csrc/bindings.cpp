@@ -119,8 +119,8 @@ static GnDtype gn_dtype(at::ScalarType t) {
 
 // x: (batch, channels, *pixels), float16, bfloat16 or float32, contiguous (NCHW) or, with 4 dimensions, channels-last
 // (NHWC); weight and bias: (channels,) in x's dtype or float32, or absent; channel_add: (batch, channels) in x's
-// dtype, or absent. Returns GroupNorm(x + channel_add[:, :, None, None]), then SiLU when `silu`, in x's dtype and
-// memory format.
+// dtype, each row dense, rows any multiple of 16 bytes apart (0 included), or absent. Returns
+// GroupNorm(x + channel_add[:, :, None, None]), then SiLU when `silu`, in x's dtype and memory format.
 at::Tensor group_norm(at::Tensor x, int64_t groups, std::optional<at::Tensor> weight, std::optional<at::Tensor> bias,
                       double eps, bool silu, std::optional<at::Tensor> channel_add) {
     CHECK_DEVICE(x);
@@ -160,7 +160,12 @@ at::Tensor group_norm(at::Tensor x, int64_t groups, std::optional<at::Tensor> we
         CHECK_MSG(a.sizes() == at::IntArrayRef({batch, channels}),
                   "channel_add must have shape (batch, channels) = " + str(at::IntArrayRef({batch, channels})) +
                       ", got " + str(a.sizes()));
-        TORCH_CHECK(a.is_contiguous() && a.scalar_type() == dtype, "channel_add must be contiguous, in x's dtype");
+        TORCH_CHECK(a.scalar_type() == dtype, "channel_add must be in x's dtype");
+        // rows may lie apart (a slice of a wider matrix) or coincide (stride 0), each row's channels dense; the
+        // kernels read rows in 16-byte vectors
+        CHECK_MSG((a.stride(1) == 1 || channels == 1) && a.stride(0) >= 0 && a.stride(0) % per_vector == 0,
+                  "channel_add's channels must be dense and its row stride a multiple of " + str(per_vector) +
+                      ", got strides " + str(a.strides()));
         TORCH_CHECK(reinterpret_cast<uintptr_t>(a.data_ptr()) % 16 == 0, "channel_add must be 16-byte aligned");
     }
 
@@ -178,6 +183,7 @@ at::Tensor group_norm(at::Tensor x, int64_t groups, std::optional<at::Tensor> we
     p.weight = weight.has_value() ? weight->data_ptr() : nullptr;
     p.bias = bias.has_value() ? bias->data_ptr() : nullptr;
     p.channel_add = channel_add.has_value() ? channel_add->data_ptr() : nullptr;
+    p.add_stride = channel_add.has_value() ? channel_add->stride(0) : 0;
     p.partials = partials.data_ptr<float>(); p.scale_shift = scale_shift.data_ptr<float>();
     p.eps = float(eps); p.channels_last = channels_last; p.silu = silu;
     C10_CUDA_CHECK(group_norm_fwd(p, at::cuda::getCurrentCUDAStream()));  // launch errors; never synchronizes

@@ -107,7 +107,8 @@ __global__ void __launch_bounds__(kThreads) stats_nchw(const GroupNormParams p) 
     const T *x = static_cast<const T *>(p.x) + group_index * vectors * V::kN;
     // the group's first channel's addition: a vector lies within one channel (pixels is a multiple of kN)
     const T *add = p.channel_add == nullptr ? nullptr : static_cast<const T *>(p.channel_add) +
-                                                            int64_t(group_index) * (p.channels / p.groups);
+                                                            int64_t(group_index / p.groups) * p.add_stride +
+                                                            group_index % p.groups * (p.channels / p.groups);
     Sums sums;
     for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
         float v[V::kN];
@@ -140,7 +141,7 @@ __global__ void __launch_bounds__(kMaxNhwcThreads) stats_nhwc(const GroupNormPar
         const T *x = static_cast<const T *>(p.x) + int64_t(image) * p.pixels * p.channels + column * V::kN;
         float a[V::kN] = {};  // this thread's channels' addition
         if (p.channel_add != nullptr)
-            V::load(static_cast<const T *>(p.channel_add) + int64_t(image) * p.channels + column * V::kN, a);
+            V::load(static_cast<const T *>(p.channel_add) + int64_t(image) * p.add_stride + column * V::kN, a);
         Sums sums[V::kN];
         for (int64_t pixel = begin + row; pixel < end; pixel += rows) {
             float v[V::kN];
@@ -185,7 +186,7 @@ __global__ void __launch_bounds__(kThreads) finalize(const GroupNormParams p) {
         const int channel = group * per_group + c;
         const float scale = rstd * param(p.weight, channel, p.param_dtype, 1.f);
         const int64_t index = int64_t(image) * p.channels + channel;
-        const float added = param(p.channel_add, index, p.dtype, 0.f);
+        const float added = param(p.channel_add, int64_t(image) * p.add_stride + channel, p.dtype, 0.f);
         float *out = p.scale_shift + 2 * index;
         out[0] = scale, out[1] = param(p.bias, channel, p.param_dtype, 0.f) + (added - mean) * scale;
     }
@@ -249,7 +250,7 @@ __global__ void __launch_bounds__(kMaxNhwcThreads) resident_nhwc(const GroupNorm
     const T *add = static_cast<const T *>(p.channel_add);  // (batch, channels) or null
     // the shift of (image, group): its first value, plus its channel's addition
     auto group_shift = [&](int64_t img, int group) {
-        const int64_t first = img * p.channels + group * per_group;
+        const int64_t first = img * p.add_stride + group * per_group;
         return to_float(images[img * p.pixels * p.channels + group * per_group]) +
                (add == nullptr ? 0.f : to_float(add[first]));
     };
@@ -260,7 +261,7 @@ __global__ void __launch_bounds__(kMaxNhwcThreads) resident_nhwc(const GroupNorm
 #pragma unroll
     for (int k = 0; k < V::kN; ++k) {
         const int channel = column * V::kN + k;
-        a[k] = add == nullptr ? 0.f : to_float(add[int64_t(image) * p.channels + channel]);
+        a[k] = add == nullptr ? 0.f : to_float(add[int64_t(image) * p.add_stride + channel]);
         s[k] = group_shift(image, channel / per_group);
     }
 #pragma unroll 4

@@ -14,8 +14,11 @@ struct GroupNormParams {
     void *__restrict__ y;
     const void *__restrict__ weight;   // (channels,) in param_dtype, or null for 1
     const void *__restrict__ bias;     // (channels,) in param_dtype, or null for 0
-    // (batch, channels) in x's dtype, added to x before it is normalised (a ResNet block's time embedding), or null
+    // (batch, channels) in x's dtype, added to x before it is normalised (a ResNet block's time embedding), or null;
+    // image i's row starts add_stride elements after image i - 1's (a column slice of a wider matrix, or 0: one row
+    // for every image), its channels dense
     const void *__restrict__ channel_add;
+    int64_t add_stride;
     // workspaces: batch * groups * splits * 3 floats, each piece's (count, mean, M2), or in the resident kernel its
     // (sum, squares); batch * channels * 2 floats, y = x * scale + shift's coefficients, or in the resident kernel
     // each (image, group)'s (mean, rstd)

@@ -85,6 +85,31 @@ def test_a_per_channel_addition_is_added_before_the_statistics(dtype, channels_l
 @cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("channels_last", [False, True])
+def test_the_addition_is_read_where_it_lies(channels_last):
+    """The binding reads the addition's rows where they lie: a column slice of a wider matrix (the packed time
+    projections) or one row for every image (stride 0): the same norm as from a dense copy, without the copy."""
+    ops.load()
+    x, weight, bias = inputs((3, 320, 16, 16), torch.float16, channels_last, seed=11)
+    generator = torch.Generator("cuda").manual_seed(11)
+    wide = (torch.randn(3, 960, device="cuda", generator=generator) * 4).half()
+    one_row = wide[0, 320:640].expand(3, -1)
+    group_norm = ops._ext.get().group_norm
+    for add in (wide[:, 320:640], one_row):
+        assert not add.is_contiguous()
+        y = group_norm(x, 32, weight.half(), bias.half(), 1e-5, True, add)
+        assert torch.equal(y, group_norm(x, 32, weight.half(), bias.half(), 1e-5, True, add.contiguous()))
+    expected = reference(x, 32, weight.half(), bias.half(), 1e-5, True, one_row)
+    error = (y.float() - expected).abs().max().item()
+    assert error <= TOLERANCE[torch.float16] * max(1.0, expected.abs().max().item() / 4), error
+    with pytest.raises(RuntimeError, match="channels must be dense"):
+        group_norm(x, 32, None, None, 1e-5, False, wide[:, 0:640:2])
+    with pytest.raises(RuntimeError, match="row stride a multiple of 8"):
+        group_norm(x, 32, None, None, 1e-5, False, torch.zeros(3, 324, device="cuda", dtype=torch.float16)[:, :320])
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("channels_last", [False, True])
 def test_float32_weights_no_weights_and_a_large_offset(channels_last):
     ops.load()
     x, weight, bias = inputs((2, 320, 32, 32), torch.float16, channels_last, seed=5, offset=200.0)  # mean 200, std 2

@@ -127,3 +127,38 @@ def test_backends_placed_step_runs_once_the_model_is_loaded_and_xformers_packs_t
     attention = sum(isinstance(m, Attention) for m in engine.pipe.unet.modules())
     blocks = sum(type(m).__name__ == "ResnetBlock2D" for m in engine.pipe.unet.modules())
     assert f"{attention} attention modules project their inputs with one GEMM, {blocks} ResNet blocks" in notes[-1]
+
+
+def test_the_time_projection_gemm_adds_every_conv1_bias(monkeypatch):
+    """While every fused block's conv1 runs bare, the packed GEMM's bias carries the conv1 biases too: norm2 gets a
+    column slice of its output, with no addition of its own; a LoRA layer around one conv1 makes each block add its
+    own bias again. Either way the output is diffusers'."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    unet = tiny_unet()
+    sample, context = tiny_unet_inputs(unet, "cpu", torch.float32)
+    norms.install_fused_norms(unet)
+    blocks = [m for m in unet.modules() if type(m).__name__ == "ResnetBlock2D"]
+    added = []
+    group_norm = norms.group_norm
+    monkeypatch.setattr(norms, "group_norm", lambda *args: added.append(args[6]) or group_norm(*args))
+    with torch.no_grad():
+        expected = unet(sample, 500, context).sample
+        assert norms.pack_time_projections(unet) == len(blocks)
+        shared = blocks[0].sdrun_time_projection
+        added.clear()
+        got = unet(sample, 500, context).sample
+        assert shared.adds_conv1_biases
+        slices = [a for a in added if a is not None]
+        assert len(slices) == len(blocks)
+        assert all(a._base is shared.projected for a in slices)  # views of the one GEMM's output
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        inject_adapter_in_model(LoraConfig(r=2, target_modules=["down_blocks.0.resnets.0.conv1"],
+                                           init_lora_weights=False), unet)
+        with_lora = unet(sample, 500, context).sample
+        assert not shared.adds_conv1_biases
+        for block in blocks:
+            vars(block).pop("sdrun_time_projection")
+        expected_lora = unet(sample, 500, context).sample  # every block alone
+    assert (with_lora - expected).abs().max() > 1e-4  # the LoRA counted
+    torch.testing.assert_close(with_lora, expected_lora, rtol=1e-5, atol=1e-5)

@@ -57,14 +57,23 @@ def group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: 
                                        and channel_add.device == x.device)
     if params_fit and add_fits and kernel_takes(x) and x.shape[1] % groups == 0 \
             and not torch._C._is_torch_function_mode_enabled():
-        add = None if channel_add is None else channel_add.contiguous()
-        if add is not None and add.data_ptr() % 16:  # the binding reads it in 16-byte vectors
-            add = add.clone()
-        return _ext.get(x.device).group_norm(x, groups, weight, bias, eps, silu, add)
+        return _ext.get(x.device).group_norm(x, groups, weight, bias, eps, silu, _rows_as_read(channel_add))
     if channel_add is not None:
         x = x + channel_add.view(*channel_add.shape, *[1] * (x.dim() - 2))
     y = F.group_norm(x, groups, weight, bias, eps)
     return F.silu(y) if silu else y
+
+
+def _rows_as_read(channel_add: torch.Tensor | None) -> torch.Tensor | None:
+    """channel_add as the binding reads it: each row's channels dense, rows a multiple of 16 bytes apart (0
+    included: one row for every image) from a 16-byte aligned start; a copy only when it is not already so."""
+    if channel_add is None:
+        return None
+    per_vector = 16 // channel_add.element_size()
+    if channel_add.stride(1) == 1 and channel_add.stride(0) % per_vector == 0 and channel_add.data_ptr() % 16 == 0:
+        return channel_add
+    add = channel_add.contiguous()
+    return add if add.data_ptr() % 16 == 0 else add.clone()
 
 
 class FusedGroupNorm(nn.GroupNorm):
@@ -86,26 +95,16 @@ class FusedGroupNorm(nn.GroupNorm):
 def fused_resnet_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None, *args, **kwargs):
     """diffusers' ResnetBlock2D.forward (0.42) for blocks that neither resample nor scale-shift, with norm1 and
     norm2 computing the SiLU that follows each, and norm2 adding, as it reads, the projected time embedding and
-    conv1's bias (the block's own nonlinearity still activates the time embedding; where `pack_time_projections`
-    packed the blocks' projections, one GEMM a forward computes them all). conv2's bias is added by the shortcut,
-    with its own: in the epilogue of its GEMM (ops/pointwise.py) or in cuDNN's one bias pass. A convolution that
-    something wraps (LoRA, a hook) runs whole, as diffusers runs it."""
+    conv1's bias (`_norm2_addition`). conv2's bias is added by the shortcut, with its own: in the epilogue of its GEMM
+    (ops/pointwise.py) or in cuDNN's one bias pass. A convolution that something wraps (LoRA, a hook) runs whole, as
+    diffusers runs it."""
+    channel_add, conv1_bias_added = _norm2_addition(self, temb, input_tensor.shape[0])
     hidden_states = self.norm1(input_tensor)
-    channel_add = None
-    if runs_bare(self.conv1) and self.conv1.bias is not None:
+    if conv1_bias_added:
         hidden_states = self.conv1._conv_forward(hidden_states, self.conv1.weight, None)
-        channel_add = self.conv1.bias.expand(hidden_states.shape[0], -1)
     else:
         hidden_states = self.conv1(hidden_states)
-    if self.time_emb_proj is not None and temb is not None:
-        shared = vars(self).get("sdrun_time_projection")
-        projected = None if shared is None else shared.of(self.time_emb_proj, temb)
-        if projected is None:
-            if not self.skip_time_act:
-                temb = self.nonlinearity(temb)
-            projected = self.time_emb_proj(temb)  # (B, C): diffusers adds it as [:, :, None, None]
-        channel_add = projected if channel_add is None else projected + channel_add
-    elif temb is not None and self.time_embedding_norm == "default":
+    if self.time_emb_proj is None and temb is not None and self.time_embedding_norm == "default":
         hidden_states = hidden_states + temb
     hidden_states = self.dropout(self.norm2(hidden_states, channel_add))
     shortcut, conv2 = self.conv_shortcut, self.conv2
@@ -118,31 +117,64 @@ def fused_resnet_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | 
     return output if self.output_scale_factor == 1 else output / self.output_scale_factor
 
 
+def _norm2_addition(block, temb: torch.Tensor | None, batch: int) -> tuple[torch.Tensor | None, bool]:
+    """What `block`'s norm2 adds per (image, channel) before it normalises: the projected time embedding and, when
+    conv1 runs bare, conv1's bias; and whether the bias is in it (conv1 then runs without it). Where
+    `pack_time_projections` packed the blocks' projections, one GEMM a forward computes them all, biases included."""
+    projected = None
+    if block.time_emb_proj is not None and temb is not None:
+        shared = vars(block).get("sdrun_time_projection")
+        projected = None if shared is None else shared.of(block.time_emb_proj, temb)
+        if projected is not None and shared.adds_conv1_biases:
+            return projected, True
+        if projected is None:  # the block's own nonlinearity activates the embedding, as in diffusers
+            projected = block.time_emb_proj(temb if block.skip_time_act else block.nonlinearity(temb))
+    conv1 = block.conv1
+    if not runs_bare(conv1) or conv1.bias is None:
+        return projected, False
+    return (conv1.bias.expand(batch, -1) if projected is None else projected + conv1.bias), True
+
+
 class SharedTimeProjection:
     """The time-embedding projections of a UNet's fused ResNet blocks, packed (ops/packing.py): the first block a
     forward reaches computes SiLU(temb) and every block's projection with one GEMM, and each block takes its
-    columns. diffusers runs a SiLU and a GEMM in every block (22 of each in SD 1.5), all on the same embedding."""
+    columns. The GEMM's bias also carries each block's conv1 bias while every conv1 runs bare, so that no block adds
+    it alone. diffusers runs a SiLU, a GEMM and a broadcast addition in every block (22 of each in SD 1.5), all on
+    the same embedding."""
 
-    def __init__(self, layers: list[nn.Linear]):
-        self.layers = layers  # kept: their ids below cannot be reused while they live
+    def __init__(self, blocks: list[nn.Module]):
+        self.blocks, self.layers = blocks, [block.time_emb_proj for block in blocks]  # kept: ids stay unique
         self.columns, start = {}, 0
-        for layer in layers:
+        for layer in self.layers:
             self.columns[id(layer)] = (start, start + layer.out_features)
             start += layer.out_features
         self.source = self.projected = None  # the embedding last projected, and all its projections
+        self.adds_conv1_biases = False
 
     def of(self, layer: nn.Module, temb: torch.Tensor) -> torch.Tensor | None:
-        """`layer`'s projection of SiLU(temb), or None when `layer` is not one of the packed layers (a LoRA layer
-        wraps it) or they no longer lie packed: the block then projects alone."""
+        """`layer`'s projection of SiLU(temb) (plus its block's conv1 bias when `adds_conv1_biases`), or None when
+        `layer` is not one of the packed layers (a LoRA layer wraps it) or they no longer lie packed: the block then
+        projects alone."""
         if id(layer) not in self.columns:
             return None
         if temb is not self.source:
-            views = packed(self.layers)
-            self.source, self.projected = temb, None if views is None else F.linear(F.silu(temb), *views)
+            self.source, self.projected = temb, self._project(temb)
         if self.projected is None:
             return None
         start, stop = self.columns[id(layer)]
         return self.projected[:, start:stop]
+
+    def _project(self, temb: torch.Tensor) -> torch.Tensor | None:
+        views = packed(self.layers)
+        if views is None:
+            return None
+        weight, bias = views
+        conv1s = [block.conv1 for block in self.blocks]
+        self.adds_conv1_biases = bias is not None and all(
+            runs_bare(conv) and conv.bias is not None and conv.bias.dtype == bias.dtype for conv in conv1s)
+        if self.adds_conv1_biases:
+            bias = bias + torch.cat([conv.bias for conv in conv1s])
+        return F.linear(F.silu(temb), weight, bias)
 
 
 def pack_time_projections(unet: nn.Module) -> int:
@@ -152,10 +184,9 @@ def pack_time_projections(unet: nn.Module) -> int:
               if getattr(vars(module).get("forward"), "__func__", None) is fused_resnet_forward
               and module.time_emb_proj is not None and type(module.nonlinearity) is nn.SiLU
               and not module.skip_time_act]
-    layers = [block.time_emb_proj for block in blocks]
-    if len(layers) < 2 or not pack_linears(layers):
+    if len(blocks) < 2 or not pack_linears([block.time_emb_proj for block in blocks]):
         return 0
-    shared = SharedTimeProjection(layers)
+    shared = SharedTimeProjection(blocks)
     for block in blocks:
         block.sdrun_time_projection = shared
     return len(blocks)
