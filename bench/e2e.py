@@ -12,7 +12,8 @@ Models are the full-size architectures (configs/sd1, configs/sdxl) with seeded r
   2 and replayed after); the first image's excess over it is the overhead.
 - sdrun CLI: `python -m sdrun run ... -n N --json` in a subprocess: per-image `seconds` of images 3..N (the best
   and the median), the first-image overhead (process start to the first image's line, less one steady image:
-  imports, loading, warm-up) and the peak GiB the JSON line reports.
+  imports, loading, warm-up; the notes split it at the first render's start) and the peak GiB the JSON line
+  reports.
 
     python bench/e2e.py                       # SD 1.5 512x512 50 steps, 1024x1024 20 steps, SDXL 1024x1024 30 steps
     python bench/e2e.py --cases sd1-512 --compile   # one case, with the torch.compile rows
@@ -139,7 +140,10 @@ def sdrun_cli(folder: Path, size: int, steps: int, images: int, flags: tuple[str
         if process.wait() != 0 or len(records) < images:
             raise RuntimeError(f"sdrun exited {process.returncode}: {stderr.strip().splitlines()[-1:]}")
     steady = [r["seconds"] for r in records[2:]] or [records[-1]["seconds"]]
-    notes = [line for line in stderr.splitlines() if line.startswith("sdrun:")]
+    # the overhead's two parts: until the first image's render began (imports, loading, the kernels' load), and
+    # what the first render took beyond a steady one (warm-up, its recorded call)
+    notes = [f"start {arrivals[0] - records[0]['seconds']:.1f} s, first image {records[0]['seconds']:.2f} s"]
+    notes += [line for line in stderr.splitlines() if line.startswith("sdrun:")]
     peak = records[-1]["peak_gpu_memory_gb"]
     return min(steady), statistics.median(steady), arrivals[0] - min(steady), float("nan") if peak is None else peak, notes
 

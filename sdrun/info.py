@@ -13,7 +13,7 @@ from rich.table import Table
 
 from sdrun import backends, ops
 from sdrun.backends import vae_fp32
-from sdrun.backends.xformers import COVERAGE, GEGLU_COVERAGE, NORM_COVERAGE
+from sdrun.backends.xformers import COVERAGE, GEGLU_COVERAGE, LAYER_NORM_COVERAGE, NORM_COVERAGE
 from sdrun.render import graphs
 
 
@@ -46,6 +46,7 @@ def rows(selftest: bool) -> list[tuple[str, str]]:
     table.append(("kernel attention", COVERAGE))
     table.append(("kernel group norm", NORM_COVERAGE))
     table.append(("kernel GEGLU", GEGLU_COVERAGE))
+    table.append(("kernel layer norm", LAYER_NORM_COVERAGE))
     if selftest:
         table.append(("kernel selftest", ops.selftest()))
     for name in ENVIRONMENT:

@@ -80,8 +80,14 @@ def test_binding_refuses_what_it_cannot_read():
 
 @cuda
 @pytest.mark.cuda
-def test_unet_with_fused_blocks_is_as_close_to_float32_as_pytorchs():
+def test_unet_with_fused_blocks_is_as_close_to_float32_as_pytorchs(monkeypatch):
+    """The kernel's statistics are float32 and its output rounded once, as PyTorch's: on the H100 the tiny UNet's
+    output came out bit-identical to PyTorch's, so the kernel's calls are counted rather than inferred from a
+    difference."""
     ops.load()
+    taken = []
+    kernel_takes = layer_norms.kernel_takes
+    monkeypatch.setattr(layer_norms, "kernel_takes", lambda *args: taken.append(kernel_takes(*args)) or taken[-1])
 
     def change(unet):
         assert layer_norms.install_fused_layer_norms(unet) > 0
@@ -89,7 +95,7 @@ def test_unet_with_fused_blocks_is_as_close_to_float32_as_pytorchs():
     fused, pytorch, exact = unet_against_float32(change)
     print("max error against float32: fused", (fused - exact).abs().max().item(), "PyTorch",
           (pytorch - exact).abs().max().item())
-    assert not torch.equal(fused, pytorch)  # the kernel ran
+    assert taken and all(taken)  # every norm of the fused blocks ran on the kernel
     assert (fused - exact).abs().max() <= 2 * (pytorch - exact).abs().max() + 5e-3
 
 

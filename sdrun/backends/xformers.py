@@ -1,6 +1,7 @@
 """--xformers (alias --mem-efficient-attention): sdrun's bundled CUDA kernels, not the xformers package: its
-attention, its GroupNorm fused with the SiLU after it (sdrun/ops/norms.py) in the UNet and the VAE, and GEGLU's
-gate in one pass (sdrun/ops/feed_forward.py) in the UNet.
+attention, its GroupNorm fused with the SiLU after it (sdrun/ops/norms.py) in the UNet and the VAE, and in the UNet
+GEGLU's gate in one pass (sdrun/ops/feed_forward.py) and LayerNorm fused with the residual addition before it
+(sdrun/ops/layer_norms.py).
 
 Attention modules the kernel does not cover (the VAE's single 512-wide head) stay on PyTorch attention; that is
 decided once, in `install`, and reported in one line. The kernel's module is imported only when the flag is used
@@ -24,6 +25,10 @@ NORM_COVERAGE = ("every GroupNorm of the UNet and the VAE: a ResNet block's two 
 # ... and what `ops.feed_forward.install_fused_geglu` puts on its GEGLU kernel
 GEGLU_COVERAGE = ("every GEGLU of the UNet's feed-forward layers (the transformer blocks of SD 1.x, 2.x and SDXL): "
                   "the projection's two halves gated in one pass")
+# ... and what `ops.layer_norms.install_fused_layer_norms` puts on its LayerNorm kernel
+LAYER_NORM_COVERAGE = ("the three LayerNorms of every UNet transformer block of SD 1.x, 2.x and SDXL, the second and "
+                       "third adding the residual (attention's output) in the same pass; rows the kernel cannot "
+                       "read (not contiguous, or a width that is not a multiple of 8) run on PyTorch's LayerNorm")
 
 
 def unavailable_reasons(device):
@@ -40,6 +45,7 @@ def prepare(_device):
 
 def apply(pipe, _device):
     from sdrun.ops.feed_forward import install_fused_geglu
+    from sdrun.ops.layer_norms import install_fused_layer_norms
     from sdrun.ops.norms import install_fused_norms
     from sdrun.ops.processor import install
 
@@ -47,7 +53,9 @@ def apply(pipe, _device):
     vae_norms = install_fused_norms(pipe.vae, "VAE")
     if vae_norms.fused_with_silu + vae_norms.plain + len(vae_norms.left):  # AutoencoderTiny has none
         notes.append(vae_norms.summary())
-    return "; ".join(notes + [f"{install_fused_geglu(pipe.unet)} GEGLUs gate in one pass"])
+    return "; ".join(notes + [f"{install_fused_geglu(pipe.unet)} GEGLUs gate in one pass",
+                              f"{install_fused_layer_norms(pipe.unet)} transformer blocks add their residuals in "
+                              "their LayerNorms"])
 
 
 def placed(pipe):
