@@ -190,16 +190,23 @@ at::Tensor group_norm(at::Tensor x, int64_t groups, std::optional<at::Tensor> we
     return y;
 }
 
-// x: (..., 2 * width), contiguous, float16, bfloat16 or float32: a GEGLU projection's output [hidden | gate].
-// Returns hidden * GELU(gate), (..., width), contiguous, in x's dtype; GELU in its exact (erf) form.
-at::Tensor geglu(at::Tensor x) {
+// The row-wise kernels' (GEGLU, LayerNorm) common checks on x: a contiguous CUDA tensor of at least one dimension,
+// float16, bfloat16 or float32. Returns the elements in the 16-byte vectors they read.
+static int64_t check_rows(const at::Tensor &x) {
     CHECK_DEVICE(x);
     CHECK_MSG(x.dim() >= 1, "x must have at least one dimension");
     const auto dtype = x.scalar_type();
     TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat,
                 "x must be float16, bfloat16 or float32");
     TORCH_CHECK(x.is_contiguous(), "x must be contiguous");
-    const int64_t last = x.size(-1), per_vector = dtype == at::kFloat ? 4 : 8;  // the kernel reads 16-byte vectors
+    return dtype == at::kFloat ? 4 : 8;
+}
+
+// x: (..., 2 * width), contiguous, float16, bfloat16 or float32: a GEGLU projection's output [hidden | gate].
+// Returns hidden * GELU(gate), (..., width), contiguous, in x's dtype; GELU in its exact (erf) form.
+at::Tensor geglu(at::Tensor x) {
+    const int64_t per_vector = check_rows(x), last = x.size(-1);
+    const auto dtype = x.scalar_type();
     CHECK_MSG(last % (2 * per_vector) == 0, "x's last dimension must be twice a multiple of " + str(per_vector) +
                                                 " for this dtype, got " + str(last));
     TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "x must be 16-byte aligned");
@@ -219,13 +226,8 @@ at::Tensor geglu(at::Tensor x) {
 // [LayerNorm(s), s] for s = x + residual (rounded to the dtype), each like x.
 std::vector<at::Tensor> layer_norm(at::Tensor x, std::optional<at::Tensor> weight, std::optional<at::Tensor> bias,
                                    double eps, std::optional<at::Tensor> residual) {
-    CHECK_DEVICE(x);
-    CHECK_MSG(x.dim() >= 1, "x must have at least one dimension");
+    const int64_t per_vector = check_rows(x), width = x.size(-1);
     const auto dtype = x.scalar_type();
-    TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat,
-                "x must be float16, bfloat16 or float32");
-    TORCH_CHECK(x.is_contiguous(), "x must be contiguous");
-    const int64_t width = x.size(-1), per_vector = dtype == at::kFloat ? 4 : 8;  // the kernel reads 16-byte vectors
     CHECK_MSG(width > 0 && width % per_vector == 0 && width / per_vector <= kLayerNormMaxVectors,
               "x's last dimension must be a positive multiple of " + str(per_vector) + " up to " +
                   str(per_vector * kLayerNormMaxVectors) + " for this dtype, got " + str(width));
