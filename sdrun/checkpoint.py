@@ -14,6 +14,7 @@
 import io
 import pickletools
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -47,12 +48,41 @@ def read_state_dict(path: Path, dtype: torch.dtype | None,
     return {_with_text_model_level(key): value for key, value in state.items()}
 
 
-def read_safetensors(path: Path, dtype: torch.dtype | None,
-                     prefixes: tuple[str, ...] = ("",)) -> dict[str, torch.Tensor]:
-    """The tensors of a .safetensors file whose keys start with one of `prefixes`, read one by one (pread, no
-    memory map), floating-point ones in `dtype` (None: as stored)."""
+def read_safetensors(path: Path, dtype: torch.dtype | None, prefixes: tuple[str, ...] = ("",),
+                     device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a .safetensors file whose keys start with one of `prefixes`, read one by one, floating-point
+    ones in `dtype` (None: as stored). Into CPU memory (device None) through pread, no memory map. To a GPU,
+    each tensor is copied there from the file's memory map and converted there: CPU memory holds no copy (the
+    map's pages are the page cache's), and torch's copy releases the GIL (BackgroundReads)."""
+    if device is not None and device.type != "cpu":
+        with safe_open(path, framework="pt") as file:
+            return {key: _cast(file.get_tensor(key).to(device), dtype) for key in file.keys()
+                    if key.startswith(prefixes)}
     with safe_open(path, framework="pt", backend="pread") as file:
         return {key: _cast(file.get_tensor(key), dtype) for key in file.keys() if key.startswith(prefixes)}
+
+
+class BackgroundReads:
+    """Weights files read (read_safetensors) on one background thread, in order, from the moment this is made:
+    the model loads while diffusers and transformers still import (seconds), not after. `take(path)` waits for
+    one file's tensors and raises what its read raised; a file not started here is read at once."""
+
+    def __init__(self, paths: list[Path], dtype: torch.dtype | None, device: torch.device | None = None):
+        self.dtype, self.device = dtype, device
+        pool = ThreadPoolExecutor(1, thread_name_prefix="sdrun-read")
+        self._reads = {path: pool.submit(read_safetensors, path, dtype, ("",), device) for path in paths}
+        pool.shutdown(wait=False)  # the thread ends after the last file
+
+    def take(self, path: Path) -> dict[str, torch.Tensor]:
+        read = self._reads.pop(path, None)
+        if read is None:
+            return read_safetensors(path, self.dtype, device=self.device)
+        try:
+            return read.result()
+        except BaseException:  # the load fails: the files not yet started are not read for nothing
+            for other in self._reads.values():
+                other.cancel()
+            raise
 
 
 def _read_safetensors(path: Path, dtype: torch.dtype, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:

@@ -91,6 +91,15 @@ def _check_folder(folder: Path, what: str, fix: str) -> None:
     pipeline_is_xl(read_json(folder / "model_index.json", fix), what)
 
 
+def weights_files(folder: Path) -> list[Path]:
+    """The weights file of each model (UNet, VAE, text encoders) that a diffusers folder holds unsharded, in its
+    model_index.json's order: what models.py reads itself, the rest it leaves to diffusers."""
+    index = read_json(folder / "model_index.json", FOLDER_FIX)
+    files = [folder / name / WEIGHTS_FILES[entry[0]] for name, entry in index.items()
+             if isinstance(entry, list) and len(entry) == 2 and entry[0] in WEIGHTS_FILES]
+    return [path for path in files if path.is_file()]
+
+
 def read_json(path: Path, fix: str) -> dict:
     """A config file's JSON object, or ModelError saying what is wrong with the file and `fix`."""
     try:

@@ -35,7 +35,7 @@ from diffusers import (  # noqa: E402
 from diffusers.loaders.single_file import load_single_file_sub_model  # noqa: E402
 from diffusers.loaders.single_file_utils import SingleFileComponentError  # noqa: E402
 from diffusers.models.attention_processor import Attention  # noqa: E402
-from safetensors import SafetensorError, safe_open  # noqa: E402
+from safetensors import SafetensorError  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, PreTrainedModel  # noqa: E402
 
 from sdrun import checkpoint  # noqa: E402
@@ -51,6 +51,7 @@ from sdrun.model_source import (  # noqa: E402
     family_of_config,
     pipeline_is_xl,
     read_json,
+    weights_files,
 )
 
 diffusers.utils.logging.set_verbosity_error()
@@ -86,16 +87,20 @@ def _library_class(library, name) -> type | None:
 
 
 def load_pipeline(source: ModelSource, torch_dtype: torch.dtype = torch.float32,
-                  note: Callable[[str], None] = lambda message: None) -> DiffusionPipeline:
+                  note: Callable[[str], None] = lambda message: None,
+                  reads: checkpoint.BackgroundReads | None = None) -> DiffusionPipeline:
     """Return a StableDiffusionPipeline or StableDiffusionXLPipeline on the CPU, safety checker off, with
     `pipe.sdrun_family` set to one of "tiny", "sd1", "sd2", "sd2-v", "sdxl". Errors become ModelError.
-    `note` receives what the user should know about a choice made while loading (SD 2.x epsilon or v)."""
+    `note` receives what the user should know about a choice made while loading (SD 2.x epsilon or v).
+    `reads`: a diffusers folder's weights files (model_source.weights_files), already being read in `torch_dtype`,
+    into CPU memory or onto the device where the pipeline goes (then its weights are there, the rest moves with
+    `pipe.to`); by default they are read into CPU memory from here."""
     if source.kind == "tiny":
         pipe, family = build_tiny(torch_dtype), "tiny"
     elif source.kind == "file":
         pipe, family = _load_file(source, torch_dtype, note)
     else:
-        pipe = _load_pretrained(source, torch_dtype)
+        pipe = _load_pretrained(source, torch_dtype, reads)
         family = _family_of_pipeline(pipe)
     pipe.sdrun_family = family
     return pipe
@@ -121,15 +126,20 @@ def tokenizer(pad_token: str | None = None) -> CLIPTokenizer:
     return CLIPTokenizer.from_pretrained(CONFIGS / "tokenizer", model_max_length=77, **extra)
 
 
-def _load_pretrained(source: ModelSource, torch_dtype: torch.dtype) -> DiffusionPipeline:
+def _load_pretrained(source: ModelSource, torch_dtype: torch.dtype,
+                     reads: checkpoint.BackgroundReads | None) -> DiffusionPipeline:
     where = str(source.path) if source.kind == "folder" else source.spec
     # Extra kwargs a pipeline does not take (safety_checker for SDXL) are ignored by diffusers.
     kwargs = dict(dtype=torch_dtype, safety_checker=None, requires_safety_checker=False,
                   local_files_only=source.kind == "folder")
     try:
         if source.kind == "folder":
-            kwargs |= _read_folder_models(source.path, torch_dtype)
+            if reads is None:
+                reads = checkpoint.BackgroundReads(weights_files(source.path), torch_dtype)
+            kwargs |= _read_folder_models(source.path, torch_dtype, reads)
         pipe = DiffusionPipeline.from_pretrained(where, **kwargs)
+    except torch.OutOfMemoryError:  # weights read onto the GPU: the CLI's out-of-memory advice, not a bad folder
+        raise
     except LOAD_ERRORS as error:
         if source.kind == "hub":
             raise ModelError(f"could not fetch '{source.spec}' from the Hugging Face Hub (no network or no such "
@@ -143,8 +153,9 @@ def _load_pretrained(source: ModelSource, torch_dtype: torch.dtype) -> Diffusion
     return pipe
 
 
-def _read_folder_models(folder: Path, torch_dtype: torch.dtype) -> dict:
-    """The folder's models (UNet, VAE, text encoders) built empty and filled tensor by tensor in `torch_dtype`.
+def _read_folder_models(folder: Path, torch_dtype: torch.dtype, reads: checkpoint.BackgroundReads) -> dict:
+    """The folder's models (UNet, VAE, text encoders) built empty and filled with the tensors `reads` read, in
+    `torch_dtype`, where it read them.
     diffusers' own loading memory-maps each weights file and converts from the map, so the file's pages and the
     converted copy are resident at once (2.9x the loaded weights for an fp32 folder loaded in fp16). Components
     saved some other way (sharded, .bin, older key names that the libraries rename) are left to diffusers."""
@@ -159,10 +170,10 @@ def _read_folder_models(folder: Path, torch_dtype: torch.dtype) -> dict:
                 model = cls.from_config(cls.load_config(folder / name))
             else:
                 model = cls(cls.config_class.from_pretrained(folder / name))
-        with safe_open(weights, framework="pt") as file:
-            if set(file.keys()) != set(model.state_dict()):
-                continue
-        model.load_state_dict(checkpoint.read_safetensors(weights, torch_dtype), assign=True)
+        state = reads.take(weights)
+        if set(state) != set(model.state_dict()):
+            continue
+        model.load_state_dict(state, assign=True)
         models[name] = model.to(torch_dtype).eval()  # the weights are in torch_dtype already; buffers may not be
     return models
 

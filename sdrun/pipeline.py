@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from sdrun import adapters, backends, lora_file, model_source
+from sdrun import adapters, backends, checkpoint, lora_file, model_source
 from sdrun.backends import vae_fp32
 from sdrun.config import RunConfig
 from sdrun.errors import UsageError
@@ -200,14 +200,17 @@ def _plan_jobs(run: RunConfig, setup: RunSetup, info: ModelInfo, jobs: list) -> 
 
 def load(run: RunConfig, reporter, setup: RunSetup) -> Engine:
     """Load the model with its backends applied."""
-    from sdrun import models, vae_file  # diffusers and transformers: see the module's docstring
-
     source, device, chosen = setup.source, setup.device, setup.chosen
     limit_memory(device, run.max_vram)
+    reads = checkpoint.BackgroundReads(model_source.weights_files(source.path), backends.load_dtype(chosen),
+                                       weights_device(setup)) if source.kind == "folder" else None
+    from sdrun import models, vae_file  # diffusers and transformers (seconds), while `reads` reads the weights
+
     for backend in chosen:
         backend.prepare(device)
     with reporter.status(f"Loading {run.model}"):
-        pipe = models.load_pipeline(source, torch_dtype=backends.load_dtype(chosen), note=reporter.note)
+        pipe = models.load_pipeline(source, torch_dtype=backends.load_dtype(chosen), note=reporter.note,
+                                    reads=reads)
         if setup.vae is not None:
             vae_file.replace_vae(pipe, setup.vae, backends.load_dtype(chosen))
         loaded = adapters.load(pipe, run.adapters) if run.adapters else None  # before backends touch the layers
@@ -232,6 +235,15 @@ def load(run: RunConfig, reporter, setup: RunSetup) -> Engine:
                   adapters=loaded, note=reporter.note,
                   graphs=Graphs(device, KEPT_UNDER_MAX_VRAM if run.max_vram is not None else KEPT)
                   if run.cuda_graphs and device.type == "cuda" else None)
+
+
+def weights_device(setup: RunSetup) -> torch.device | None:
+    """The GPU that the weights are read straight onto, or None (read into CPU memory, placed afterwards). Straight
+    there when the whole pipeline goes there as loaded: not when an offload places it, --fp8 stores it anew on the
+    CPU (so that the device never holds both), or part of the UNet streams from the CPU."""
+    placed_whole = setup.unet_resident_gib is None and not any(
+        backend.places_pipeline or backend.restores_weights for backend in setup.chosen)
+    return setup.device if placed_whole and setup.device.type == "cuda" else None
 
 
 def _recorded_path(spec: str | None, path: Path | None) -> str | None:

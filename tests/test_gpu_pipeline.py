@@ -80,3 +80,24 @@ def test_vae_tiling_keeps_the_decode_peak_flat_as_the_image_grows():
     untiled_growth = peaks[2048, False] - peaks[1024, False]
     assert untiled_growth > 2 * peaks[1024, False]  # the untiled peak grows with the area (4x)
     assert peaks[2048, True] - peaks[1024, True] < 0.1 * untiled_growth
+
+
+def test_a_folder_read_onto_the_gpu_holds_the_weights_read_into_cpu_memory(tmp_path):
+    """pipeline.weights_device's path: a diffusers folder's tensors copied to the GPU from the file's map and
+    converted there (the folder is float32, loaded in float16) equal the ones read and converted on the CPU."""
+    from sd_layout import tiny_folder
+
+    from sdrun import checkpoint, models
+    from sdrun.model_source import resolve_model, weights_files
+
+    source = resolve_model(str(tiny_folder(tmp_path / "tiny-model")))
+    on_cpu = models.load_pipeline(source, torch.float16)
+    reads = checkpoint.BackgroundReads(weights_files(source.path), torch.float16, torch.device("cuda"))
+    on_gpu = models.load_pipeline(source, torch.float16, reads=reads)
+    for name in ("unet", "vae", "text_encoder"):
+        read = dict(getattr(on_cpu, name).named_parameters())
+        moved = dict(getattr(on_gpu, name).named_parameters())
+        assert read.keys() == moved.keys() and len(read) > 10
+        for key, value in read.items():
+            assert moved[key].is_cuda and moved[key].dtype == torch.float16, key
+            assert torch.equal(moved[key].cpu(), value), key

@@ -193,9 +193,9 @@ def test_config_folder_that_is_broken(sdrun, state, isolated, part, text, fragme
 def test_loading_notes_reach_stderr(sdrun, monkeypatch):
     real = models.load_pipeline
 
-    def noting(source, torch_dtype, note):
+    def noting(source, torch_dtype, note, reads):
         note("judged: epsilon")
-        return real(source, torch_dtype)
+        return real(source, torch_dtype, reads=reads)
 
     monkeypatch.setattr(models, "load_pipeline", noting)
     assert "judged: epsilon" in sdrun("a fox", *TINY).stderr

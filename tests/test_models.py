@@ -396,3 +396,31 @@ def test_model_index_names_a_real_pipeline():
     for family in ("sd1", "sd2", "sd2-v", "sdxl", "tiny"):
         index = json.loads((CONFIGS / family / "model_index.json").read_text())
         assert index["_class_name"] in ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+
+
+def test_a_folder_read_in_the_background_loads_the_same_weights(tiny_model_folder):
+    from sdrun import checkpoint
+    from sdrun.model_source import weights_files
+
+    source = resolve_model(str(tiny_model_folder))
+    files = weights_files(tiny_model_folder)
+    assert sorted(path.parent.name for path in files) == ["text_encoder", "unet", "vae"]
+    reads = checkpoint.BackgroundReads(files, torch.float16)
+    read_first = load_pipeline(source, torch.float16, reads=reads)
+    plain = load_pipeline(source, torch.float16)
+    for name in ("unet", "vae", "text_encoder"):
+        mine, theirs = getattr(read_first, name).state_dict(), getattr(plain, name).state_dict()
+        assert mine.keys() == theirs.keys()
+        assert all(torch.equal(mine[key], theirs[key]) for key in mine)
+        assert all(value.dtype == torch.float16 for value in mine.values() if value.is_floating_point())
+
+
+def test_a_damaged_weights_file_read_in_the_background_is_a_model_error(tiny_model_folder):
+    from sdrun import checkpoint
+    from sdrun.model_source import weights_files
+
+    unet = tiny_model_folder / "unet" / "diffusion_pytorch_model.safetensors"
+    unet.write_bytes(unet.read_bytes()[: unet.stat().st_size // 2])
+    reads = checkpoint.BackgroundReads(weights_files(tiny_model_folder), torch.float32)
+    with pytest.raises(ModelError, match="could not load the diffusers folder"):
+        load_pipeline(resolve_model(str(tiny_model_folder)), reads=reads)

@@ -281,3 +281,22 @@ def test_the_banded_decode_gives_the_whole_decode_and_leaves_what_it_should_alon
     with banded_decode.banded(decoder):
         assert "forward" not in decoder.up_blocks[0].resnets[0].conv1.__dict__  # hooked: left alone
         assert "forward" in decoder.up_blocks[0].resnets[1].conv1.__dict__
+
+
+@pytest.mark.parametrize("flags, resident, straight", [
+    (("fp16", "xformers", "channels_last"), None, True),
+    (("fp16", "vae_tiling"), None, True),
+    (("fp16", "model_offload"), None, False),  # the offloads place the pipeline themselves
+    (("fp16", "cpu_offload"), None, False),
+    (("fp16", "fp8"), None, False),  # stored anew on the CPU: the device never holds the fp16 UNet too
+    (("fp16", "fp8_text_encoders"), None, False),
+    (("fp16",), 1.5, False),  # --max-vram's partial residency streams part of the UNet from the CPU
+])
+def test_weights_are_read_onto_the_gpu_only_when_the_pipeline_goes_there_as_loaded(flags, resident, straight):
+    from sdrun import backends, model_source
+
+    setup = pipeline.RunSetup(model_source.resolve_model("tiny"), torch.device("cuda"), backends.select(flags),
+                              unet_resident_gib=resident)
+    assert pipeline.weights_device(setup) == (torch.device("cuda") if straight else None)
+    on_cpu = pipeline.RunSetup(setup.source, torch.device("cpu"), setup.chosen)
+    assert pipeline.weights_device(on_cpu) is None

@@ -47,6 +47,7 @@ class Backend:
     needs_cuda: bool = False
     conflicts: tuple[str, ...] = ()  # other backend names it cannot be combined with
     places_pipeline: bool = False  # it moves the model to the device itself (offload), instead of pipe.to(device)
+    restores_weights: bool = False  # its apply stores the weights anew (fp8): they load on the CPU, not the device
     load_dtype: str | None = None  # weights are loaded in this torch dtype (fp16: "float16")
     lowers: tuple[str, ...] = ()  # the memory it lowers: "weights", "denoise", "decode" (render/memory.py models it)
     options: tuple[Option, ...] = ()

@@ -60,5 +60,6 @@ BACKEND = Backend(
     "casting's 0.16). Storage only: fp8 matrix products measured 1.5-3.4x slower at the UNet's shapes (H200).",
     apply=apply,
     lowers=("weights",),
+    restores_weights=True,
     extra_reasons=unavailable_reasons,
 )

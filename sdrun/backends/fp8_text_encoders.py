@@ -16,5 +16,6 @@ BACKEND = Backend(
     "less exactly.",
     apply=apply,
     lowers=("weights",),
+    restores_weights=True,
     extra_reasons=unavailable_reasons,
 )
