@@ -35,7 +35,7 @@ from diffusers import (  # noqa: E402
 from diffusers.loaders.single_file import load_single_file_sub_model  # noqa: E402
 from diffusers.loaders.single_file_utils import SingleFileComponentError  # noqa: E402
 from diffusers.models.attention_processor import Attention  # noqa: E402
-from safetensors import SafetensorError  # noqa: E402
+from safetensors import SafetensorError, safe_open  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, PreTrainedModel  # noqa: E402
 
 from sdrun import checkpoint  # noqa: E402
@@ -51,7 +51,6 @@ from sdrun.model_source import (  # noqa: E402
     family_of_config,
     pipeline_is_xl,
     read_json,
-    weights_files,
 )
 
 diffusers.utils.logging.set_verbosity_error()
@@ -92,9 +91,9 @@ def load_pipeline(source: ModelSource, torch_dtype: torch.dtype = torch.float32,
     """Return a StableDiffusionPipeline or StableDiffusionXLPipeline on the CPU, safety checker off, with
     `pipe.sdrun_family` set to one of "tiny", "sd1", "sd2", "sd2-v", "sdxl". Errors become ModelError.
     `note` receives what the user should know about a choice made while loading (SD 2.x epsilon or v).
-    `reads`: a diffusers folder's weights files (model_source.weights_files), already being read in `torch_dtype`,
-    into CPU memory or onto the device where the pipeline goes (then its weights are there, the rest moves with
-    `pipe.to`); by default they are read into CPU memory from here."""
+    `reads`: a diffusers folder's weights files (model_source.weights_files), already being read in `torch_dtype`
+    onto the device where the pipeline goes (its weights are then there, the rest moves with `pipe.to`); by
+    default they are read into CPU memory from here."""
     if source.kind == "tiny":
         pipe, family = build_tiny(torch_dtype), "tiny"
     elif source.kind == "file":
@@ -134,8 +133,6 @@ def _load_pretrained(source: ModelSource, torch_dtype: torch.dtype,
                   local_files_only=source.kind == "folder")
     try:
         if source.kind == "folder":
-            if reads is None:
-                reads = checkpoint.BackgroundReads(weights_files(source.path), torch_dtype)
             kwargs |= _read_folder_models(source.path, torch_dtype, reads)
         pipe = DiffusionPipeline.from_pretrained(where, **kwargs)
     except torch.OutOfMemoryError:  # weights read onto the GPU: the CLI's out-of-memory advice, not a bad folder
@@ -153,9 +150,9 @@ def _load_pretrained(source: ModelSource, torch_dtype: torch.dtype,
     return pipe
 
 
-def _read_folder_models(folder: Path, torch_dtype: torch.dtype, reads: checkpoint.BackgroundReads) -> dict:
-    """The folder's models (UNet, VAE, text encoders) built empty and filled with the tensors `reads` read, in
-    `torch_dtype`, where it read them.
+def _read_folder_models(folder: Path, torch_dtype: torch.dtype, reads: checkpoint.BackgroundReads | None) -> dict:
+    """The folder's models (UNet, VAE, text encoders) built empty and filled tensor by tensor in `torch_dtype`:
+    read here into CPU memory, or taken from `reads` where that read them.
     diffusers' own loading memory-maps each weights file and converts from the map, so the file's pages and the
     converted copy are resident at once (2.9x the loaded weights for an fp32 folder loaded in fp16). Components
     saved some other way (sharded, .bin, older key names that the libraries rename) are left to diffusers."""
@@ -170,9 +167,10 @@ def _read_folder_models(folder: Path, torch_dtype: torch.dtype, reads: checkpoin
                 model = cls.from_config(cls.load_config(folder / name))
             else:
                 model = cls(cls.config_class.from_pretrained(folder / name))
-        state = reads.take(weights)
-        if set(state) != set(model.state_dict()):
-            continue
+        with safe_open(weights, framework="pt") as file:
+            if set(file.keys()) != set(model.state_dict()):
+                continue
+        state = reads.take(weights) if reads is not None else checkpoint.read_safetensors(weights, torch_dtype)
         model.load_state_dict(state, assign=True)
         models[name] = model.to(torch_dtype).eval()  # the weights are in torch_dtype already; buffers may not be
     return models

@@ -202,8 +202,9 @@ def load(run: RunConfig, reporter, setup: RunSetup) -> Engine:
     """Load the model with its backends applied."""
     source, device, chosen = setup.source, setup.device, setup.chosen
     limit_memory(device, run.max_vram)
+    onto = weights_device(setup)
     reads = checkpoint.BackgroundReads(model_source.weights_files(source.path), backends.load_dtype(chosen),
-                                       weights_device(setup)) if source.kind == "folder" else None
+                                       onto) if source.kind == "folder" and onto is not None else None
     from sdrun import models, vae_file  # diffusers and transformers (seconds), while `reads` reads the weights
 
     for backend in chosen:
@@ -238,9 +239,12 @@ def load(run: RunConfig, reporter, setup: RunSetup) -> Engine:
 
 
 def weights_device(setup: RunSetup) -> torch.device | None:
-    """The GPU that the weights are read straight onto, or None (read into CPU memory, placed afterwards). Straight
+    """The GPU that a folder's weights are read straight onto, on a thread of their own while the libraries import
+    (checkpoint.BackgroundReads), or None: read into CPU memory after the imports, placed afterwards. Straight
     there when the whole pipeline goes there as loaded: not when an offload places it, --fp8 stores it anew on the
-    CPU (so that the device never holds both), or part of the UNet streams from the CPU."""
+    CPU (so that the device never holds both), or part of the UNet streams from the CPU. Not into CPU memory on a
+    thread: on a 2-core machine that started the first render 2 s later (the cast to float32 and the imports
+    share the cores)."""
     placed_whole = setup.unet_resident_gib is None and not any(
         backend.places_pipeline or backend.restores_weights for backend in setup.chosen)
     return setup.device if placed_whole and setup.device.type == "cuda" else None
