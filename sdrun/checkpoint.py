@@ -65,7 +65,8 @@ def read_safetensors(path: Path, dtype: torch.dtype | None, prefixes: tuple[str,
 class BackgroundReads:
     """Weights files read (read_safetensors) on one background thread, in order, from the moment this is made:
     the model loads while diffusers and transformers still import (seconds), not after. `take(path)` waits for
-    one file's tensors and raises what its read raised; a file not started here is read at once."""
+    one file's tensors and raises what its read raised; a file not started here is read at once. `drop(path)`
+    lets go of a file the caller will not use (its memory is freed once its read ends)."""
 
     def __init__(self, paths: list[Path], dtype: torch.dtype | None, device: torch.device | None = None):
         self.dtype, self.device = dtype, device
@@ -83,6 +84,11 @@ class BackgroundReads:
             for other in self._reads.values():
                 other.cancel()
             raise
+
+    def drop(self, path: Path) -> None:
+        read = self._reads.pop(path, None)
+        if read is not None:
+            read.cancel()
 
 
 def _read_safetensors(path: Path, dtype: torch.dtype, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:

@@ -169,6 +169,8 @@ def _read_folder_models(folder: Path, torch_dtype: torch.dtype, reads: checkpoin
                 model = cls(cls.config_class.from_pretrained(folder / name))
         with safe_open(weights, framework="pt") as file:
             if set(file.keys()) != set(model.state_dict()):
+                if reads is not None:
+                    reads.drop(weights)  # diffusers loads this one: the device must not hold it twice
                 continue
         state = reads.take(weights) if reads is not None else checkpoint.read_safetensors(weights, torch_dtype)
         model.load_state_dict(state, assign=True)

@@ -424,3 +424,16 @@ def test_a_damaged_weights_file_read_in_the_background_is_a_model_error(tiny_mod
     reads = checkpoint.BackgroundReads(weights_files(tiny_model_folder), torch.float32)
     with pytest.raises(ModelError, match="could not load the diffusers folder"):
         load_pipeline(resolve_model(str(tiny_model_folder)), reads=reads)
+
+
+def test_background_reads_let_go_of_a_dropped_file_and_read_an_unlisted_one(tiny_model_folder):
+    from sdrun import checkpoint
+    from sdrun.model_source import weights_files
+
+    text_encoder, unet, vae = sorted(weights_files(tiny_model_folder), key=lambda path: path.parent.name)
+    reads = checkpoint.BackgroundReads([unet, vae], torch.float16)
+    reads.drop(vae)
+    assert vae not in reads._reads and unet in reads._reads
+    state = reads.take(text_encoder)  # never listed: read there and then
+    assert state and all(value.dtype == torch.float16 for value in state.values() if value.is_floating_point())
+    assert set(reads.take(unet)) == set(UNet2DConditionModel.from_pretrained(tiny_model_folder / "unet").state_dict())
