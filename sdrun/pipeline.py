@@ -212,6 +212,7 @@ def load(run: RunConfig, reporter, setup: RunSetup) -> Engine:
     with reporter.status(f"Loading {run.model}"):
         pipe = models.load_pipeline(source, torch_dtype=backends.load_dtype(chosen), note=reporter.note,
                                     reads=reads)
+        reads = None  # a file it did not take (a component diffusers loaded itself) leaves the device now
         if setup.vae is not None:
             vae_file.replace_vae(pipe, setup.vae, backends.load_dtype(chosen))
         loaded = adapters.load(pipe, run.adapters) if run.adapters else None  # before backends touch the layers
@@ -243,8 +244,8 @@ def weights_device(setup: RunSetup) -> torch.device | None:
     (checkpoint.BackgroundReads), or None: read into CPU memory after the imports, placed afterwards. Straight
     there when the whole pipeline goes there as loaded: not when an offload places it, --fp8 stores it anew on the
     CPU (so that the device never holds both), or part of the UNet streams from the CPU. Not into CPU memory on a
-    thread: on a 2-core machine that started the first render 2 s later (the cast to float32 and the imports
-    share the cores)."""
+    thread: on a 2-core machine the cast to float32 and the imports share the cores, and the first render began
+    1.4-2.4 s later, not sooner (two runs each; runs there vary by seconds)."""
     placed_whole = setup.unet_resident_gib is None and not any(
         backend.places_pipeline or backend.restores_weights for backend in setup.chosen)
     return setup.device if placed_whole and setup.device.type == "cuda" else None
